@@ -1,0 +1,187 @@
+"""JIT build of multimem_ops.cu (sm_90a) with torch.utils.cpp_extension, cached and torchrun-safe.
+
+    import build_ext; ops = build_ext.load()      # the compiled module, built once per source
+    python build_ext.py [--verbose] [--sass]      # prebuild; --sass checks the kernels' SASS
+
+The build lives in $XDG_CACHE_HOME/tokenweave/ext-<hash> (default ~/.cache), keyed by the source,
+the build flags and the torch / CUDA versions, so an edit rebuilds and an old build is never
+loaded by mistake. Under torch.distributed the first load() is collective (every rank must call
+it): LOCAL_RANK 0 builds while the other ranks wait at a barrier, then they load the finished
+build; if the build fails, every rank raises the same BuildError.
+"""
+import argparse
+import contextlib
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+NAME = "tokenweave_ops"
+SOURCE = Path(__file__).resolve().with_name("multimem_ops.cu")
+# The kernels use sm_90a-only PTX (multimem); an explicit -gencode makes cpp_extension add no
+# other arch, and TORCH_CUDA_ARCH_LIST is pinned too for torch versions that still look at it.
+CUDA_FLAGS = ["-O3", "-gencode=arch=compute_90a,code=sm_90a", "-lineinfo"]
+ARCH_LIST = "9.0a"
+
+_module = None
+
+
+class BuildError(RuntimeError):
+    """The extension cannot be built or loaded here; the message says why and what to do."""
+
+
+def available() -> tuple[bool, str]:
+    """Whether the extension can be built here (cheap checks only, no compilation), and why not."""
+    if torch.version.cuda is None:
+        return False, f"torch {torch.__version__} has no CUDA: install a CUDA build of torch"
+    if not torch.cuda.is_available():
+        return False, "no CUDA device is visible: the fused kernels need a Hopper GPU"
+    dev = torch.cuda.current_device()
+    major, minor = torch.cuda.get_device_capability(dev)
+    if major != 9:
+        return False, (f"GPU {dev} ({torch.cuda.get_device_name(dev)}) has compute capability "
+                       f"{major}.{minor}: the fused kernels need Hopper (9.x, sm_90a)")
+    from torch.utils.cpp_extension import CUDA_HOME
+    if not CUDA_HOME or not (Path(CUDA_HOME) / "bin" / "nvcc").exists():
+        return False, (f"nvcc not found (CUDA_HOME={CUDA_HOME}): install the CUDA toolkit torch "
+                       f"was built with ({torch.version.cuda}); set CUDA_HOME or put nvcc on PATH")
+    return True, f"ok: {torch.cuda.get_device_name(dev)}, CUDA_HOME={CUDA_HOME}"
+
+
+def build_dir() -> Path:
+    key = hashlib.sha256(SOURCE.read_bytes())
+    key.update(" ".join([torch.__version__, str(torch.version.cuda), *CUDA_FLAGS]).encode())
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "tokenweave" / f"ext-{key.hexdigest()[:16]}"
+
+
+def _build(directory: Path, verbose: bool):
+    """Compile (or just load, when up to date) the extension; cpp_extension locks the directory."""
+    from torch.utils import cpp_extension
+    directory.mkdir(parents=True, exist_ok=True)
+    old = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    os.environ["TORCH_CUDA_ARCH_LIST"] = ARCH_LIST
+    try:
+        return cpp_extension.load(name=NAME, sources=[str(SOURCE)], extra_cuda_cflags=CUDA_FLAGS,
+                                  build_directory=str(directory), verbose=verbose)
+    finally:
+        if old is None:
+            del os.environ["TORCH_CUDA_ARCH_LIST"]
+        else:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = old
+
+
+def _build_here(directory: Path, verbose: bool):
+    ok, why = available()
+    if not ok:
+        raise BuildError(why)
+    return _build(directory, verbose)
+
+
+def _try(fn):
+    """(result, None) or (None, one-line reason): under torchrun, errors wait for the barrier."""
+    try:
+        return fn(), None
+    except BuildError as e:
+        return None, str(e)
+    except Exception as e:  # noqa: BLE001 - reported to every rank as a BuildError
+        first = (str(e).strip().splitlines() or [""])[0]
+        return None, (f"building {SOURCE.name} failed ({type(e).__name__}: {first}); "
+                      "run `python build_ext.py --verbose` to see the compiler output")
+
+
+def load(verbose: bool = False):
+    """The compiled module (memoized). Raises BuildError with the reason when it cannot be built."""
+    global _module
+    if _module is not None:
+        return _module
+    directory = build_dir()
+    failed = directory / "FAILED"  # how the builder tells the waiting ranks why it failed
+    dist = torch.distributed.is_available() and torch.distributed.is_initialized()
+    builder = not dist or int(os.environ.get("LOCAL_RANK", "0")) == 0
+    module = error = None
+    if builder:
+        with contextlib.suppress(OSError):
+            failed.unlink(missing_ok=True)
+        module, error = _try(lambda: _build_here(directory, verbose))
+        if error:
+            with contextlib.suppress(OSError):
+                directory.mkdir(parents=True, exist_ok=True)
+                failed.write_text(error)
+    if dist:
+        torch.distributed.barrier()  # every rank, exactly once, whatever happened above
+        if not builder:
+            with contextlib.suppress(OSError):
+                error = failed.read_text()
+            if error is None:  # built: this only loads it (or builds here if rank 0 could not)
+                module, error = _try(lambda: _build_here(directory, verbose))
+    if error:
+        raise BuildError(error)
+    _module = module
+    return module
+
+
+def _cuda_tool(name: str) -> str:
+    from torch.utils.cpp_extension import CUDA_HOME
+    return shutil.which(name) or str(Path(CUDA_HOME or "/usr/local/cuda") / "bin" / name)
+
+
+INSTRUCTION = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][\w.]*)")  # opcode
+
+
+def sass_counts(so: Path) -> dict[str, dict]:
+    """Per kernel, from cuobjdump: multimem instructions, 128-bit global loads and stores, and
+    the distinct memory opcodes (to read when a count looks wrong)."""
+    sass = subprocess.run([_cuda_tool("cuobjdump"), "--dump-sass", str(so)], capture_output=True,
+                          text=True, check=True).stdout
+    with contextlib.suppress(OSError, subprocess.CalledProcessError):  # demangle, if cu++filt is
+        sass = subprocess.run([_cuda_tool("cu++filt")], input=sass, capture_output=True,
+                              text=True, check=True).stdout
+    counts, kernel = {}, None
+    for line in sass.splitlines():
+        if m := re.search(r"Function : (.+)", line):
+            kernel = m.group(1).strip()
+            counts[kernel] = {"multimem": 0, "LDG.128": 0, "STG.128": 0, "ops": set()}
+        elif kernel and (m := INSTRUCTION.search(line)):
+            c, op = counts[kernel], m.group(1).split(".")
+            # multimem lowers to multicast ("MC") forms of the global memory instructions
+            multimem = op[0].endswith("MC") or "MC" in op[1:] or "MULTIMEM" in op
+            c["multimem"] += multimem
+            c["LDG.128"] += op[0] == "LDG" and "128" in op
+            c["STG.128"] += op[0] == "STG" and "128" in op
+            if multimem or op[0] in ("LD", "LDG", "ST", "STG", "RED", "REDG", "ATOM", "ATOMG"):
+                c["ops"].add(m.group(1))
+    return counts
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--verbose", action="store_true", help="show the compiler commands and output")
+    ap.add_argument("--sass", action="store_true",
+                    help="after building, print per kernel the number of multimem instructions and "
+                         "of 128-bit global loads/stores in its SASS (cuobjdump --dump-sass)")
+    args = ap.parse_args()
+    t0 = time.perf_counter()
+    try:
+        module = load(verbose=args.verbose)
+    except BuildError as e:
+        print(f"build_ext: {e}", file=sys.stderr)
+        return 1
+    print(f"{NAME} ready in {time.perf_counter() - t0:.1f} s: {module.__file__}")
+    if args.sass:
+        print("multimem LDG.128 STG.128  kernel / memory opcodes")
+        for kernel, c in sass_counts(Path(module.__file__)).items():
+            print(f"{c['multimem']:8d} {c['LDG.128']:7d} {c['STG.128']:7d}  {kernel}\n"
+                  f"{'':26}{' '.join(sorted(c['ops']))}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

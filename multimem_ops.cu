@@ -1,0 +1,580 @@
+/*
+TokenWeave kernels: AllReduce + residual add + RMSNorm in one kernel, and the local add + RMSNorm.
+
+What it computes (bf16 in and out, fp32 math, HF transformers' RMSNorm):
+    r  = bf16( float(sum over ranks of partial) + float(residual) )     residual <- r
+    x  = bf16( float(w) * float( bf16( float(r) * rsqrt(mean(float(r)^2) + eps) ) ) )
+The variance is taken from the bf16-rounded r, exactly like running HF's RMSNorm on the stored
+residual.
+
+Kernels:
+  fused_add_rmsnorm                 local (no communication): x holds the already-summed partial,
+                                    in place on x [T, H] and residual [T, H].
+  fused_allreduce_add_rmsnorm<P2P>  buf [Tp, H] is a view into torch symmetric memory with the same
+  fused_allreduce_add_rmsnorm<MULTIMEM>  layout on every rank. Rank r owns rows [r*Tp/N, (r+1)*Tp/N):
+                                    it reduces them over all ranks, adds its residual slice
+                                    [Tp/N, H], normalizes, and writes the normalized rows into every
+                                    rank's buf. So it is a reduce-scatter, a 1/N-sized add+RMSNorm
+                                    and an all-gather of the normalized rows, in one pass.
+  P2P reads the row's 16-byte vectors from all N peers' buffers over NVLink and stores to each
+  peer; MULTIMEM does one multimem.ld_reduce and one multimem.st on the multicast address (which
+  only ever arrives as an argument, from torch symmetric memory). Everything else is shared.
+  Every row is computed by exactly one rank, so all ranks end with bitwise identical x; P2P sums
+  the ranks in the fixed order 0..N-1 in fp32. MULTIMEM's sum is done by the switch in fp32 and
+  returned rounded to bf16, so it can differ from P2P by the rounding of the sum.
+
+Build:
+  JIT, as the project uses it:     python build_ext.py      (torch.utils.cpp_extension, sm_90a)
+  standalone kernel check (CI):    nvcc -c -gencode=arch=compute_90a,code=sm_90a -DTW_NO_TORCH \
+                                        multimem_ops.cu -o /dev/null
+  SASS check:                      python build_ext.py --sass
+
+Memory ordering. Each CTA b meets the CTA b of every peer twice, through our own symmetric flag
+array flags[MAX_CTAS][N] (uint32, zeroed once at allocation; one array per stream that may run
+these kernels concurrently). To signal peer p, CTA b moves p's flags[b][my_rank] 0 -> 1 with a
+CAS, spinning while it is still 1 (p has not consumed our previous signal yet); to wait for p, it
+moves its own flags[b][p] 1 -> 0. A signal is never lost and every wait consumes exactly one, so
+the k-th wait pairs with the k-th signal whatever the CTA counts of earlier calls were (as long
+as all ranks launch the same count per call), and no reset or epoch counter is needed.
+  * Exit barrier: release / acquire at system scope. The release (after __syncthreads, which
+    orders every thread's stores of the CTA before it) makes our stores into peer p's buffer, and
+    the completion of our loads of p's partials, visible to p before p's kernel can finish; the
+    acquire makes p's stores into our buffer visible to us and to everything after this kernel on
+    our stream. Hence: when the kernel completes on a rank, every peer has finished reading this
+    rank's partials and writing its rows into this rank's buffer, and the buffer may be reused.
+  * Entry barrier: relaxed (no fence). It only has to tell us that peer p's kernel has started.
+    p's partials were written by kernels that completed before p's kernel started, and kernel
+    completion makes a kernel's writes visible system-wide (that is what cross-device event
+    synchronization relies on too); our loads of p's memory go to p's memory side over NVLink, so
+    they see them. The hazards in the other direction are covered too: p only reads its own buf
+    rows (before this kernel, in stream order) and our loads of a row precede our stores to the
+    same row on each peer in the same thread (same thread<->element mapping in both phases).
+    A release fence here would stall every CTA once per call for nothing.
+  * Multimem accesses go through the same NVLink fabric and are ordered by the same fences.
+Every spin loop reads %globaltimer and, after timeout_ns, prints which rank, CTA, peer and barrier
+timed out and traps, instead of hanging the job when a peer has died.
+*/
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <cstdio>
+
+namespace tw {
+
+constexpr int MAX_CTAS = 64;      // flags are [MAX_CTAS][N] per rank
+constexpr int MAX_PEERS = 8;
+constexpr int MAX_THREADS = 1024;
+// Vectors (16 bytes, 8 bf16) per thread: 1 with up to 1024 threads (H <= 8192, the hot path), else
+// 4 or 8 with up to 512 threads, which leaves 128 registers per thread for the peers' loads in
+// flight and the packed row (at 1024 threads and 64 registers, 2 or 4 vectors spill).
+constexpr int WIDE_THREADS = 512;
+constexpr int MAX_VPT = 8;
+constexpr int MAX_HIDDEN = MAX_VPT * WIDE_THREADS * 8;  // 32768
+
+enum class Transport { LOCAL, P2P, MULTIMEM };
+
+// Passed by value: the peer pointers live in the kernel's parameter space, no device array needed.
+struct PeerPtrs {
+  void* ptr[MAX_PEERS];
+};
+
+struct Params {
+  uint4* buf;                // this rank's rows: [rows_total, H] as 16-byte vectors (local: x)
+  uint4* residual;           // [rows, H]: this rank's slice (local: all rows)
+  const uint4* weight;       // [H]
+  PeerPtrs bufs;             // bufs.ptr[i] = the same view in rank i's mapping
+  PeerPtrs flags;            // flags.ptr[i] = rank i's uint32 [MAX_CTAS][n] flag array
+  void* multicast;           // the same view's multicast address (MULTIMEM only)
+  int rank, n;               // this rank, world size
+  int rows;                  // rows to normalize here: Tp/N (local: T)
+  int nvec;                  // H / 8
+  float eps;
+  unsigned long long timeout_ns;
+};
+
+// ---------------------------------------------------------------------------------------------
+// bf16 <-> fp32 on packed words. A bf16 is the top half of an fp32, so widening is a shift.
+
+__device__ __forceinline__ float bf16_lo(uint32_t w) { return __uint_as_float(w << 16); }
+__device__ __forceinline__ float bf16_hi(uint32_t w) { return __uint_as_float(w & 0xffff0000u); }
+
+__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
+  return static_cast<uint32_t>(__bfloat16_as_ushort(__float2bfloat16_rn(lo))) |
+         static_cast<uint32_t>(__bfloat16_as_ushort(__float2bfloat16_rn(hi))) << 16;
+}
+
+__device__ __forceinline__ void unpack8(const uint4& v, float f[8]) {
+  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    f[2 * i] = bf16_lo(w[i]);
+    f[2 * i + 1] = bf16_hi(w[i]);
+  }
+}
+
+__device__ __forceinline__ uint4 pack8(const float f[8]) {
+  return make_uint4(pack_bf16x2(f[0], f[1]), pack_bf16x2(f[2], f[3]), pack_bf16x2(f[4], f[5]),
+                    pack_bf16x2(f[6], f[7]));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Flags and barriers.
+
+__device__ __forceinline__ unsigned long long globaltimer() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+enum class Order { RELAXED, RELEASE, ACQUIRE };
+
+// System scope: the flag may live on another GPU, and the ordering must reach it.
+template <Order O>
+__device__ __forceinline__ uint32_t cas_sys(uint32_t* addr, uint32_t expected, uint32_t desired) {
+  uint32_t old;
+  if constexpr (O == Order::RELEASE) {
+    asm volatile("atom.release.sys.global.cas.b32 %0, [%1], %2, %3;"
+                 : "=r"(old) : "l"(addr), "r"(expected), "r"(desired) : "memory");
+  } else if constexpr (O == Order::ACQUIRE) {
+    asm volatile("atom.acquire.sys.global.cas.b32 %0, [%1], %2, %3;"
+                 : "=r"(old) : "l"(addr), "r"(expected), "r"(desired) : "memory");
+  } else {
+    asm volatile("atom.relaxed.sys.global.cas.b32 %0, [%1], %2, %3;"
+                 : "=r"(old) : "l"(addr), "r"(expected), "r"(desired) : "memory");
+  }
+  return old;
+}
+
+// Kept out of line: the spin loops stay small, and printf's stack lives only here.
+__device__ __noinline__ void barrier_timed_out(int rank, int peer, const char* barrier,
+                                               const char* what) {
+  printf("tokenweave fused_allreduce_add_rmsnorm: rank %d CTA %d timed out at the %s barrier %s "
+         "peer %d; the peer may have died, or the ranks launched different sizes or CTA counts. "
+         "Trapping.\n",
+         rank, static_cast<int>(blockIdx.x), barrier, what, peer);
+  __trap();
+}
+
+// ptr[i] with a run-time i, without making the compiler copy the parameters to local memory.
+__device__ __forceinline__ void* select(const PeerPtrs& peers, int i) {
+  void* out = peers.ptr[0];
+#pragma unroll
+  for (int k = 1; k < MAX_PEERS; ++k)
+    if (i == k) out = peers.ptr[k];
+  return out;
+}
+
+// One thread per peer meets CTA blockIdx.x of that peer: it signals the peer, then waits for it.
+template <Order SIGNAL, Order WAIT>
+__device__ __forceinline__ void barrier(const Params& p, const char* name) {
+  __syncthreads();  // exit: every thread's stores of this CTA precede the release below
+  const int peer = threadIdx.x;
+  if (peer < p.n && peer != p.rank) {
+    uint32_t* theirs = static_cast<uint32_t*>(select(p.flags, peer)) + blockIdx.x * p.n + p.rank;
+    uint32_t* mine = static_cast<uint32_t*>(select(p.flags, p.rank)) + blockIdx.x * p.n + peer;
+    const unsigned long long start = globaltimer();
+    while (cas_sys<SIGNAL>(theirs, 0u, 1u) != 0u) {
+      if (globaltimer() - start > p.timeout_ns) barrier_timed_out(p.rank, peer, name, "signalling");
+    }
+    while (cas_sys<WAIT>(mine, 1u, 0u) != 1u) {
+      if (globaltimer() - start > p.timeout_ns) barrier_timed_out(p.rank, peer, name, "waiting for");
+    }
+  }
+  __syncthreads();  // exit: the acquire above precedes every thread's later accesses
+}
+
+// ---------------------------------------------------------------------------------------------
+// Loads and stores: the only code that differs between transports. `vec` indexes 16-byte vectors
+// of the buffer; the same thread loads and stores the same vector (see the header). NP is the
+// number of peers the code is specialized for (the actual p.n may be smaller), so that a 4-GPU
+// group holds 4, not 8, loads in flight per vector in registers.
+
+template <Transport T>
+__host__ __device__ constexpr int loads_per_vec(int np) { return T == Transport::P2P ? np : 1; }
+
+template <Transport T, int NP>
+__device__ __forceinline__ void issue_loads(const Params& p, size_t vec, uint4 (&in)[NP]) {
+  if constexpr (T == Transport::LOCAL) {
+    in[0] = p.buf[vec];
+  } else if constexpr (T == Transport::P2P) {
+#pragma unroll
+    for (int i = 0; i < NP; ++i)
+      if (i < p.n) in[i] = static_cast<const uint4*>(select(p.bufs, i))[vec];
+  } else {
+    const uint4* addr = static_cast<const uint4*>(p.multicast) + vec;
+    asm volatile("multimem.ld_reduce.relaxed.sys.global.add.acc::f32.v4.bf16x2 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(in[0].x), "=r"(in[0].y), "=r"(in[0].z), "=r"(in[0].w) : "l"(addr) : "memory");
+  }
+}
+
+// acc = the sum of the loaded vectors, in fixed rank order 0..N-1: reproducible sums.
+template <int NP>
+__device__ __forceinline__ void sum_loads(const Params& p, const uint4 (&in)[NP], float acc[8]) {
+  unpack8(in[0], acc);
+#pragma unroll
+  for (int i = 1; i < NP; ++i) {
+    if (i < p.n) {
+      float f[8];
+      unpack8(in[i], f);
+#pragma unroll
+      for (int k = 0; k < 8; ++k) acc[k] += f[k];
+    }
+  }
+}
+
+template <Transport T>
+__device__ __forceinline__ void store(const Params& p, size_t vec, const uint4& v) {
+  if constexpr (T == Transport::LOCAL) {
+    p.buf[vec] = v;
+  } else if constexpr (T == Transport::P2P) {
+#pragma unroll
+    for (int i = 0; i < MAX_PEERS; ++i)
+      if (i < p.n) static_cast<uint4*>(p.bufs.ptr[i])[vec] = v;
+  } else {
+    // .v4.f32 only names the 16-byte width: the bits are bf16 pairs, copied unchanged.
+    uint4* addr = static_cast<uint4*>(p.multicast) + vec;
+    asm volatile("multimem.st.relaxed.sys.global.v4.f32 [%0], {%1, %2, %3, %4};"
+                 :: "l"(addr), "f"(__uint_as_float(v.x)), "f"(__uint_as_float(v.y)),
+                    "f"(__uint_as_float(v.z)), "f"(__uint_as_float(v.w))
+                 : "memory");
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// ROWS rows at a time: reduce, add the residual, RMSNorm, scale, store.
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// Every warp reduces the per-warp sums itself, so all threads get the same bits with two barriers
+// for all ROWS sums together.
+template <int ROWS>
+__device__ __forceinline__ void block_sum(float (&v)[ROWS]) {
+  __shared__ float warp_sums[ROWS][MAX_THREADS / 32];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+#pragma unroll
+  for (int i = 0; i < ROWS; ++i) v[i] = warp_sum(v[i]);
+  __syncthreads();  // the previous rows' readers are done with warp_sums
+  if (lane == 0) {
+#pragma unroll
+    for (int i = 0; i < ROWS; ++i) warp_sums[i][warp] = v[i];
+  }
+  __syncthreads();
+#pragma unroll
+  for (int i = 0; i < ROWS; ++i) v[i] = warp_sum(lane < blockDim.x / 32 ? warp_sums[i][lane] : 0.f);
+}
+
+// Rows row0 + i * stride (buffer) and res0 + i * stride (residual), i < ROWS, those with
+// res0 + i * stride < p.rows. All loads of all ROWS rows are issued before the first sum: the
+// NVLink round trips of ROWS x NP x VPT 16-byte loads per thread overlap, and one block reduction
+// serves all the rows. That, not the arithmetic, is what sets the speed at a few CTAs.
+template <Transport T, int NP, int VPT, int ROWS>
+__device__ __forceinline__ void add_rmsnorm_rows(const Params& p, int row0, int res0, int stride,
+                                                 const uint4 (&w)[VPT]) {
+  constexpr int L = loads_per_vec<T>(NP);
+  uint4 in[ROWS][L], res[ROWS][VPT];  // in: the prefetched loads (one vector per thread only)
+#pragma unroll
+  for (int i = 0; i < ROWS; ++i) {
+#pragma unroll
+    for (int v = 0; v < VPT; ++v) {
+      const int col = threadIdx.x + v * blockDim.x;
+      if (res0 + i * stride < p.rows && col < p.nvec) {
+        if constexpr (VPT == 1)  // wider rows hold too many vectors: load those just before use
+          issue_loads<T, L>(p, static_cast<size_t>(row0 + i * stride) * p.nvec + col, in[i]);
+        res[i][v] = p.residual[static_cast<size_t>(res0 + i * stride) * p.nvec + col];
+      }
+    }
+  }
+  // r stays packed as bf16: it is rounded anyway, and that halves the registers it needs.
+  float sumsq[ROWS];
+#pragma unroll
+  for (int i = 0; i < ROWS; ++i) {
+    sumsq[i] = 0.f;
+#pragma unroll
+    for (int v = 0; v < VPT; ++v) {
+      const int col = threadIdx.x + v * blockDim.x;
+      if (res0 + i * stride < p.rows && col < p.nvec) {
+        float acc[8], f[8];
+        if constexpr (VPT == 1) {
+          sum_loads<L>(p, in[i], acc);
+        } else {
+          uint4 late[L];
+          issue_loads<T, L>(p, static_cast<size_t>(row0 + i * stride) * p.nvec + col, late);
+          sum_loads<L>(p, late, acc);
+        }
+        unpack8(res[i][v], f);
+#pragma unroll
+        for (int k = 0; k < 8; ++k) acc[k] += f[k];
+        res[i][v] = pack8(acc);
+        p.residual[static_cast<size_t>(res0 + i * stride) * p.nvec + col] = res[i][v];
+        unpack8(res[i][v], f);  // the variance uses the bf16-rounded r, as HF does
+#pragma unroll
+        for (int k = 0; k < 8; ++k) sumsq[i] += f[k] * f[k];
+      }
+    }
+  }
+  block_sum<ROWS>(sumsq);
+#pragma unroll
+  for (int i = 0; i < ROWS; ++i) {
+    const float inv_rms = rsqrtf(sumsq[i] / static_cast<float>(p.nvec * 8) + p.eps);
+#pragma unroll
+    for (int v = 0; v < VPT; ++v) {
+      const int col = threadIdx.x + v * blockDim.x;
+      if (res0 + i * stride < p.rows && col < p.nvec) {
+        float f[8], wf[8];
+        unpack8(res[i][v], f);
+        unpack8(VPT == 1 ? w[0] : __ldg(p.weight + col), wf);
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+          // HF: normalize in fp32, cast to bf16, then multiply by the weight (rounded again).
+          f[k] = wf[k] * __bfloat162float(__float2bfloat16_rn(f[k] * inv_rms));
+        }
+        store<T>(p, static_cast<size_t>(row0 + i * stride) * p.nvec + col, pack8(f));
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kernels.
+
+template <int VPT>
+constexpr int max_threads() { return VPT == 1 ? MAX_THREADS : WIDE_THREADS; }
+
+// The weight is the same for every row: with one vector per thread it stays in registers; wider
+// rows need those registers for their loads and read it per row (from L1).
+template <int VPT>
+__device__ __forceinline__ void load_weight(const Params& p, uint4 (&w)[VPT]) {
+  if constexpr (VPT == 1) {
+    if (threadIdx.x < p.nvec) w[0] = __ldg(p.weight + threadIdx.x);
+  }
+}
+
+template <int VPT>
+__global__ void __launch_bounds__(max_threads<VPT>()) fused_add_rmsnorm_kernel(const Params p) {
+  uint4 w[VPT];
+  load_weight<VPT>(p, w);
+  for (int row = blockIdx.x; row < p.rows; row += gridDim.x)
+    add_rmsnorm_rows<Transport::LOCAL, 1, VPT, 1>(p, row, row, 0, w);
+}
+
+// CTA b handles owned rows b, b + G, b + 2G, ... (G = gridDim.x), ROWS at a time; G is the same
+// on all ranks, and every CTA takes part in both barriers even when it owns no row, because its
+// peers wait for it.
+template <Transport T, int NP, int VPT, int ROWS>
+__global__ void __launch_bounds__(max_threads<VPT>()) fused_allreduce_add_rmsnorm_kernel(const Params p) {
+  uint4 w[VPT];
+  load_weight<VPT>(p, w);
+  barrier<Order::RELAXED, Order::RELAXED>(p, "entry");
+  const int G = gridDim.x;
+  for (int j = blockIdx.x; j < p.rows; j += ROWS * G)
+    add_rmsnorm_rows<T, NP, VPT, ROWS>(p, p.rank * p.rows + j, j, G, w);
+  barrier<Order::RELEASE, Order::ACQUIRE>(p, "exit");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host launchers (no torch): they pick vectors per thread, so that a block never exceeds 1024
+// threads, and rows in flight, so that the loads fit in registers; and instantiate every variant.
+
+inline int vectors_per_thread(int nvec) {
+  return nvec <= MAX_THREADS ? 1 : nvec <= 4 * WIDE_THREADS ? 4 : 8;
+}
+
+inline int threads_per_block(int nvec) {
+  const int vpt = vectors_per_thread(nvec);
+  return ((nvec + vpt - 1) / vpt + 31) / 32 * 32;
+}
+
+// Both launchers only refuse (cudaErrorInvalidValue) what the kernels cannot handle; the torch
+// bindings check all of it first, with clearer messages. Launch errors are left for the caller's
+// cudaGetLastError().
+cudaError_t launch_fused_add_rmsnorm(const Params& p, cudaStream_t stream) {
+  if (p.rows < 1 || p.nvec < 1 || p.nvec * 8 > MAX_HIDDEN) return cudaErrorInvalidValue;
+  const dim3 grid(p.rows), block(threads_per_block(p.nvec));
+  switch (vectors_per_thread(p.nvec)) {
+    case 1: fused_add_rmsnorm_kernel<1><<<grid, block, 0, stream>>>(p); break;
+    case 4: fused_add_rmsnorm_kernel<4><<<grid, block, 0, stream>>>(p); break;
+    default: fused_add_rmsnorm_kernel<8><<<grid, block, 0, stream>>>(p); break;
+  }
+  return cudaSuccess;
+}
+
+// Two rows in flight where the loads of both fit in registers at 1024 threads (one vector per
+// thread, at most 4 peers or multimem's single load); one row otherwise.
+template <Transport T, int NP>
+void launch_fused(const Params& p, int n_ctas, cudaStream_t stream) {
+  const dim3 grid(n_ctas), block(threads_per_block(p.nvec));
+  switch (vectors_per_thread(p.nvec)) {
+    case 1: fused_allreduce_add_rmsnorm_kernel<T, NP, 1, (NP <= 4 ? 2 : 1)><<<grid, block, 0, stream>>>(p); break;
+    case 4: fused_allreduce_add_rmsnorm_kernel<T, NP, 4, 1><<<grid, block, 0, stream>>>(p); break;
+    default: fused_allreduce_add_rmsnorm_kernel<T, NP, 8, 1><<<grid, block, 0, stream>>>(p); break;
+  }
+}
+
+// Every rank must call this with the same n_ctas, rows and nvec: CTA b meets CTA b of each peer.
+cudaError_t launch_fused_allreduce_add_rmsnorm(const Params& p, int n_ctas, cudaStream_t stream) {
+  if (n_ctas < 1 || n_ctas > MAX_CTAS || p.n < 2 || p.n > MAX_PEERS || p.rank < 0 ||
+      p.rank >= p.n || p.rows < 1 || p.nvec < 1 || p.nvec * 8 > MAX_HIDDEN)
+    return cudaErrorInvalidValue;
+  if (p.multicast != nullptr)
+    launch_fused<Transport::MULTIMEM, 1>(p, n_ctas, stream);
+  else if (p.n == 2)
+    launch_fused<Transport::P2P, 2>(p, n_ctas, stream);
+  else if (p.n <= 4)
+    launch_fused<Transport::P2P, 4>(p, n_ctas, stream);
+  else
+    launch_fused<Transport::P2P, MAX_PEERS>(p, n_ctas, stream);
+  return cudaSuccess;
+}
+
+}  // namespace tw
+
+// ---------------------------------------------------------------------------------------------
+// Torch bindings.
+#ifndef TW_NO_TORCH
+// Narrow headers instead of torch/extension.h and ATen/cuda/CUDAContext.h: a third of the build
+// time, no warnings from the C++ frontend's headers, and no need for the cuBLAS/cuSPARSE headers.
+// c10::cuda::getCurrentCUDAStream is the stream at::cuda::getCurrentCUDAStream returns.
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/csrc/utils/pybind.h>
+
+namespace {
+
+void* as_ptr(int64_t addr) { return reinterpret_cast<void*>(static_cast<uintptr_t>(addr)); }
+bool aligned16(int64_t addr) { return addr % 16 == 0; }
+
+// The checks common to both ops: bf16, CUDA, contiguous, on buf's device, 16-byte aligned.
+void check_tensor(const char* op, const char* name, const at::Tensor& t, const at::Tensor& like) {
+  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got ", t.device());
+  TORCH_CHECK(t.scalar_type() == at::kBFloat16, op, ": ", name, " must be bfloat16, got ",
+              t.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
+  TORCH_CHECK(t.device() == like.device(), op, ": ", name, " is on ", t.device(),
+              " but the data is on ", like.device());
+  TORCH_CHECK(aligned16(reinterpret_cast<int64_t>(t.data_ptr())), op, ": ", name,
+              " must be 16-byte aligned (data_ptr % 16 == 0); a view at an odd row or column "
+              "offset is not");
+}
+
+void check_hidden(const char* op, int64_t H) {
+  TORCH_CHECK(H % 8 == 0, op, ": hidden size must be a multiple of 8 (16-byte vectors), got ", H);
+  TORCH_CHECK(H > 0 && H <= tw::MAX_HIDDEN, op, ": hidden size must be in [8, ", tw::MAX_HIDDEN,
+              "], got ", H);
+}
+
+void fused_add_rmsnorm(at::Tensor x, at::Tensor residual, at::Tensor weight, double eps) {
+  const char* op = "fused_add_rmsnorm";
+  check_tensor(op, "x", x, x);
+  check_tensor(op, "residual", residual, x);
+  check_tensor(op, "weight", weight, x);
+  TORCH_CHECK(x.dim() >= 1, op, ": x must have a hidden dimension");
+  const int64_t H = x.size(-1);
+  check_hidden(op, H);
+  TORCH_CHECK(residual.sizes() == x.sizes(), op, ": residual must have x's shape ", x.sizes(),
+              ", got ", residual.sizes());
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == H, op, ": weight must be [", H, "], got ",
+              weight.sizes());
+  const int64_t T = x.numel() / H;
+  TORCH_CHECK(T <= INT32_MAX, op, ": too many rows (", T, ")");
+  if (T == 0) return;
+
+  tw::Params p{};
+  p.buf = static_cast<uint4*>(x.data_ptr());
+  p.residual = static_cast<uint4*>(residual.data_ptr());
+  p.weight = static_cast<const uint4*>(weight.data_ptr());
+  p.rows = static_cast<int>(T);
+  p.nvec = static_cast<int>(H / 8);
+  p.eps = static_cast<float>(eps);
+  const c10::cuda::CUDAGuard guard(x.device());
+  C10_CUDA_CHECK(tw::launch_fused_add_rmsnorm(p, c10::cuda::getCurrentCUDAStream()));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void fused_allreduce_add_rmsnorm(at::Tensor buf, std::vector<int64_t> peer_bufs,
+                                 int64_t multicast_ptr, std::vector<int64_t> peer_flags,
+                                 int64_t rank, at::Tensor residual, at::Tensor weight, double eps,
+                                 int64_t n_ctas, double timeout_s) {
+  const char* op = "fused_allreduce_add_rmsnorm";
+  check_tensor(op, "buf", buf, buf);
+  check_tensor(op, "residual", residual, buf);
+  check_tensor(op, "weight", weight, buf);
+  TORCH_CHECK(buf.dim() == 2, op, ": buf must be [Tp, H], got ", buf.sizes());
+  const int64_t Tp = buf.size(0), H = buf.size(1);
+  check_hidden(op, H);
+  const int64_t N = static_cast<int64_t>(peer_bufs.size());
+  TORCH_CHECK(N >= 2 && N <= tw::MAX_PEERS, op, ": world size (len(peer_bufs)) must be in [2, ",
+              tw::MAX_PEERS, "], got ", N);
+  TORCH_CHECK(static_cast<int64_t>(peer_flags.size()) == N, op, ": peer_flags has ",
+              peer_flags.size(), " entries but peer_bufs has ", N);
+  TORCH_CHECK(rank >= 0 && rank < N, op, ": rank ", rank, " is not in [0, ", N, ")");
+  TORCH_CHECK(peer_bufs[rank] == reinterpret_cast<int64_t>(buf.data_ptr()), op,
+              ": peer_bufs[rank] must be buf.data_ptr() (the address of this view in each rank's "
+              "mapping: buffer_ptrs[i] + buf.data_ptr() - buffer_ptrs[rank])");
+  for (int64_t i = 0; i < N; ++i) {
+    TORCH_CHECK(peer_bufs[i] != 0 && aligned16(peer_bufs[i]), op, ": peer_bufs[", i,
+                "] must be a non-null 16-byte aligned address");
+    TORCH_CHECK(peer_flags[i] != 0 && peer_flags[i] % 4 == 0, op, ": peer_flags[", i,
+                "] must be a non-null 4-byte aligned address");
+  }
+  TORCH_CHECK(aligned16(multicast_ptr), op, ": multicast_ptr must be 16-byte aligned (or 0)");
+  TORCH_CHECK(Tp % N == 0, op, ": the row count ", Tp, " must be a multiple of the world size ",
+              N, " (pad the tokens)");
+  TORCH_CHECK(residual.dim() == 2 && residual.size(0) == Tp / N && residual.size(1) == H, op,
+              ": residual must be this rank's slice [Tp/N, H] = [", Tp / N, ", ", H, "], got ",
+              residual.sizes());
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == H, op, ": weight must be [", H, "], got ",
+              weight.sizes());
+  TORCH_CHECK(n_ctas >= 1 && n_ctas <= tw::MAX_CTAS, op, ": n_ctas must be in [1, ", tw::MAX_CTAS,
+              "], got ", n_ctas);
+  TORCH_CHECK(timeout_s > 0, op, ": timeout_s must be positive, got ", timeout_s);
+  TORCH_CHECK(Tp <= INT32_MAX, op, ": too many rows (", Tp, ")");
+  if (Tp == 0) return;
+
+  tw::Params p{};
+  p.buf = static_cast<uint4*>(buf.data_ptr());
+  p.residual = static_cast<uint4*>(residual.data_ptr());
+  p.weight = static_cast<const uint4*>(weight.data_ptr());
+  for (int64_t i = 0; i < N; ++i) {
+    p.bufs.ptr[i] = as_ptr(peer_bufs[i]);
+    p.flags.ptr[i] = as_ptr(peer_flags[i]);
+  }
+  p.multicast = as_ptr(multicast_ptr);
+  p.rank = static_cast<int>(rank);
+  p.n = static_cast<int>(N);
+  p.rows = static_cast<int>(Tp / N);
+  p.nvec = static_cast<int>(H / 8);
+  p.eps = static_cast<float>(eps);
+  p.timeout_ns = static_cast<unsigned long long>(timeout_s * 1e9);
+  const c10::cuda::CUDAGuard guard(buf.device());
+  C10_CUDA_CHECK(tw::launch_fused_allreduce_add_rmsnorm(p, static_cast<int>(n_ctas),
+                                                        c10::cuda::getCurrentCUDAStream()));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "TokenWeave kernels: fused (AllReduce +) residual add + RMSNorm (bf16, sm_90a)";
+  m.def("fused_add_rmsnorm", &fused_add_rmsnorm,
+        "In place: residual = bf16(x + residual); x = rmsnorm(residual) * weight",
+        py::arg("x"), py::arg("residual"), py::arg("weight"), py::arg("eps"));
+  m.def("fused_allreduce_add_rmsnorm", &fused_allreduce_add_rmsnorm,
+        "In place on the symmetric buf [Tp, H]: all-reduce, add this rank's residual slice "
+        "[Tp/N, H], RMSNorm, times weight; every rank's buf ends with the normalized rows. "
+        "peer_bufs[i]: this view's address in rank i's mapping; multicast_ptr: its multicast "
+        "address, or 0 for the p2p transport; peer_flags[i]: rank i's zeroed int32 flag array "
+        "of max_ctas() * N entries, used by nothing else. Every rank must call it with the same "
+        "shapes and n_ctas.",
+        py::arg("buf"), py::arg("peer_bufs"), py::arg("multicast_ptr"), py::arg("peer_flags"),
+        py::arg("rank"), py::arg("residual"), py::arg("weight"), py::arg("eps"),
+        py::arg("n_ctas"), py::arg("timeout_s"));
+  m.def("max_ctas", [] { return tw::MAX_CTAS; }, "The largest n_ctas (the flag array's rows)");
+}
+#endif  // TW_NO_TORCH
