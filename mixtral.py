@@ -1,0 +1,102 @@
+"""Mixtral: Llama with a sparse mixture of experts in place of the MLP.
+
+A router, replicated on every rank, sends each token to top_k of E experts. Every expert is a SwiGLU
+sharded like llama.MLP on its intermediate features (w1 gate and w3 up column-parallel, w2 down
+row-parallel), so each rank computes its slice of every chosen expert and the block ends in a
+partial sum, like the MLP: the same comm point follows it. Shapes in comments: T tokens, H hidden,
+E experts, k = top_k, I/N this rank's intermediate features per expert.
+"""
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import llama
+from llama import build, copy_checked, load_checkpoint  # noqa: F401  (build, load_checkpoint: run.py's interface)
+from weave import Batch, Dist
+
+
+@dataclasses.dataclass
+class Config(llama.Config):
+    model_type: str = "mixtral"
+    n_experts: int = 8
+    top_k: int = 2
+
+    @classmethod
+    def from_hf(cls, c: dict) -> "Config":
+        # transformers' Mixtral defaults, where a config.json leaves these out, differ from Llama's.
+        cfg = super().from_hf({"rope_theta": 1e6, "rms_norm_eps": 1e-5, "max_position_embeddings": 131072} | c)
+        if (c.get("sliding_window") or cfg.max_positions) < cfg.max_positions:
+            raise ValueError(f"config.json sets sliding_window: {c['sliding_window']}, shorter than the context; "
+                             f"sliding-window attention is not supported")
+        return dataclasses.replace(cfg, n_experts=c.get("num_local_experts", 8), top_k=c.get("num_experts_per_tok", 2))
+
+
+class MoE(nn.Module):
+    """Routing as transformers does it: softmax in fp32 over all experts, top-k, the k weights
+    renormalized to sum to 1. Then one GEMM pair per expert over the tokens routed to it."""
+
+    def __init__(self, cfg: Config, d: Dist):
+        super().__init__()
+        self.d, self.k, E, H = d, cfg.top_k, cfg.n_experts, cfg.hidden
+        self.n = llama.shard(cfg.intermediate, d, "expert MLP features")                  # I/N
+        self.router = nn.Parameter(torch.empty(E, H), requires_grad=False)                # replicated
+        self.w13 = nn.Parameter(torch.empty(E, 2 * self.n, H), requires_grad=False)       # [gate; up] rows
+        self.w2 = nn.Parameter(torch.empty(E, H, self.n), requires_grad=False)
+
+    def forward(self, h, batch: Batch):
+        """h (T, H): x in, this rank's partial of the experts' weighted sum out."""
+        x = h.clone()                                                   # h becomes the accumulator
+        # x is the same bits on every rank, so every rank routes alike and runs its slice of each expert.
+        probs = F.linear(x, self.router).float().softmax(dim=-1)        # (T, E)
+        weights, experts = probs.topk(self.k, dim=-1)                   # (T, k)
+        weights /= weights.sum(dim=-1, keepdim=True)
+        pairs = experts.flatten()                                       # (T*k,) expert of each (token, choice)
+        order = pairs.argsort(stable=True)                              # the pairs grouped by expert
+        # The loop needs the group sizes on the host: a sync with the compute stream (comm keeps running).
+        counts = pairs.bincount(minlength=self.w13.shape[0]).tolist()
+        tokens = (order // self.k).split(counts)                        # per expert: its tokens ...
+        scales = weights.flatten()[order].split(counts)                 # ... and their routing weights
+        h.zero_()
+        for e, (t, w) in enumerate(zip(tokens, scales)):
+            if not len(t):
+                continue
+            gate, up = F.linear(x[t], self.w13[e]).chunk(2, dim=-1)     # (n_e, I/N) each
+            y = F.linear(F.silu(gate) * up, self.w2[e])                 # (n_e, H) partial
+            h.index_add_(0, t, (y * w[:, None]).to(h.dtype))            # weight in fp32, add in h's dtype: as HF
+
+    def loaders(self, p: str) -> dict:
+        r, n = self.d.rank, self.n
+        mine = slice(r * n, (r + 1) * n)
+        out = {f"{p}.gate.weight": lambda sl: copy_checked(self.router, sl[:])}
+        for e in range(self.w13.shape[0]):
+            q = f"{p}.experts.{e}"
+            out |= {f"{q}.w1.weight": lambda sl, e=e: copy_checked(self.w13[e, :n], sl[mine]),
+                    f"{q}.w3.weight": lambda sl, e=e: copy_checked(self.w13[e, n:], sl[mine]),
+                    f"{q}.w2.weight": lambda sl, e=e: copy_checked(self.w2[e], sl[:, mine])}
+        return out
+
+
+class Transformer(llama.Transformer):
+    MLP = MoE
+    weave_threshold = 2048   # TokenWeave's: an expert sees k/E of a half's tokens, so small steps don't pay a split
+
+    def __init__(self, cfg: Config, d: Dist):
+        super().__init__(cfg, d)
+        E, k, n = cfg.n_experts, cfg.top_k, self.layers[0].mlp.n
+        # An expert's GEMMs see about k/E of the tokens: in waves, a GEMM over all of them with k/E
+        # of the width, once per expert (each expert is its own launch). The router's E columns are negligible.
+        self.gemm_widths = self.gemm_widths[:2] + [2 * n * k // E, cfg.hidden * k // E] * E
+
+    def loaders(self) -> dict:
+        # The hub checkpoints name the block block_sparse_moe where Llama has mlp.
+        return {name.replace(".mlp.", ".block_sparse_moe."): f for name, f in super().loaders().items()}
+
+
+# The real Mixtral-8x22B-Instruct-v0.1 config.json values (head_dim spelled out: 6144 / 48).
+PRESETS = {"mixtral-8x22b": dict(
+    model_type="mixtral", hidden_size=6144, num_hidden_layers=56, num_attention_heads=48, num_key_value_heads=8,
+    head_dim=128, intermediate_size=16384, num_local_experts=8, num_experts_per_tok=2, vocab_size=32768,
+    rms_norm_eps=1e-5, rope_theta=1000000.0, sliding_window=None, tie_word_embeddings=False,
+    max_position_embeddings=65536, bos_token_id=1, eos_token_id=2, torch_dtype="bfloat16")}
