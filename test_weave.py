@@ -1,7 +1,9 @@
 """Correctness of the models and the weave schedule: CPU (gloo) everywhere, CUDA (NCCL, two streams)
 where 2+ GPUs are present. Run: pytest -q"""
+import importlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -11,6 +13,9 @@ import torch
 import torch.multiprocessing as mp
 
 import llama
+import mixtral
+import qwen
+import run
 import weave
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -39,8 +44,10 @@ def hf_llama(tmp, **kw):
 
 def ours(path, d=weave.Dist(), dtype=torch.float32, comm="auto", mode="off", n_slots=4, max_len=128):
     with open(os.path.join(path, "config.json")) as f:
-        cfg = llama.Config.from_hf(json.load(f))
-    model = llama.load_checkpoint(llama.build(llama.Transformer, cfg, d, dtype), path, log=lambda s: None)
+        hf_cfg = json.load(f)
+    mod = importlib.import_module(run.MODEL_FILES[hf_cfg["model_type"]])   # the model file, as run.py picks it
+    cfg = mod.Config.from_hf(hf_cfg)
+    model = mod.load_checkpoint(mod.build(mod.Transformer, cfg, d, dtype), path, log=lambda s: None)
     model.allocate_cache(n_slots, max_len)
     return weave.Weaver(model, weave.make_comm(comm, d, cfg.hidden, 256, dtype), mode)
 
@@ -98,14 +105,20 @@ def test_llama_matches_transformers(tmp_path, kw):
 # ----------------------------------------------------------------------------- tensor parallel
 
 
+def checkpoints_logits(path, d, dtype, comm, mode):
+    """run_steps' logits of one checkpoint, or of a list of them back to back (one launch for
+    several: on CPU, starting the processes costs more than the steps)."""
+    paths = [path] if isinstance(path, str) else path
+    return [x for p in paths for x in run_steps(ours(p, d, dtype, comm, mode), d.device)]
+
+
 def _tp_worker(rank, world, port, path, device, dtype, comm, mode, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     d = weave.init_distributed(device)
     try:
-        weaver = ours(path, d, dtype, comm, mode)
-        logits = run_steps(weaver, d.device)
+        logits = checkpoints_logits(path, d, dtype, comm, mode)
         gathered = [None] * world
         torch.distributed.all_gather_object(gathered, logits)
         if rank == 0:
@@ -115,10 +128,11 @@ def _tp_worker(rank, world, port, path, device, dtype, comm, mode, out):
 
 
 def tp_logits(path, world, tmp, device="cpu", dtype=torch.float32, comm="auto", mode="on"):
-    """Logits of every step at TP `world` (spawned processes); asserts all ranks agree bitwise."""
+    """Logits of every step at TP `world` (spawned processes); asserts all ranks agree bitwise.
+    path: a checkpoint, or a list of them (their steps' logits back to back)."""
     out = os.path.join(tmp, f"logits-{world}-{comm}-{mode}.pt")
     if world == 1:
-        torch.save([run_steps(ours(path, weave.Dist(device=torch.device(device)), dtype, comm, mode), device)], out)
+        torch.save([checkpoints_logits(path, weave.Dist(device=torch.device(device)), dtype, comm, mode)], out)
     else:
         mp.spawn(_tp_worker, (world, free_port(), path, device, dtype, comm, mode, out), nprocs=world)
     ranks = torch.load(out)
@@ -149,12 +163,22 @@ def test_weave_on_matches_off_tp1(ckpt, reference, tmp_path):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+CUDA_CASES = [(2, "nccl", "off"), (2, "nccl", "on"), (2, "fused", "off"), (2, "fused", "on"), (4, "fused", "on"),
+              (4, "nccl", "on")]
+
+
 @needs_gpus(2)
-@pytest.mark.parametrize("comm,mode", [("nccl", "off"), ("nccl", "on")])
-def test_tp_nccl_matches_tp1_cuda(ckpt, tmp_path, comm, mode):
-    """bf16 on GPUs: TP 2 with NCCL (weave on: two streams) against TP 1 on one GPU."""
-    want = tp_logits(ckpt, 1, tmp_path, "cuda", torch.bfloat16, mode="off")
-    got = tp_logits(ckpt, 2, tmp_path, "cuda", torch.bfloat16, comm, mode)
+@pytest.mark.parametrize("world,comm,mode", CUDA_CASES)
+def test_tp_cuda_matches_tp1(ckpt, tmp_path, world, comm, mode):
+    assert_cuda_tp_matches_tp1(ckpt, tmp_path, world, comm, mode)
+
+
+def assert_cuda_tp_matches_tp1(path, tmp, world, comm, mode):
+    """bf16 on GPUs: TP 2/4 with NCCL or the fused kernel (weave on: two streams) against TP 1."""
+    if N_GPUS < world:
+        pytest.skip(f"needs {world} CUDA GPUs")
+    want = tp_logits(path, 1, tmp, "cuda", torch.bfloat16, mode="off")
+    got = tp_logits(path, world, tmp, "cuda", torch.bfloat16, comm, mode)
     for g, w in zip(got, want):
         assert (g - w).norm() / w.norm() < 2e-2
 
@@ -257,9 +281,10 @@ def test_cli_unknown_model_type(tmp_path):
     assert r.returncode == 1 and "'gpt2' is not supported; supported: llama" in r.stderr
 
 
-def demo_tokens(cache, nproc, weave_mode, device="cpu"):
+def demo_tokens(cache, nproc, weave_mode, device="cpu", model=None, comm="auto"):
     r = run_cli("--json", "--max-new-tokens", "12", "--weave", weave_mode, "--prompt", "The quick brown fox",
-                "--prompt", "Once upon a time there was", nproc=nproc, cache=cache, device=device)
+                "--prompt", "Once upon a time there was", "--comm", comm, *(["--model", str(model)] if model else []),
+                nproc=nproc, cache=cache, device=device)
     assert r.returncode == 0, r.stderr[-3000:]
     lines = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
     assert len(lines) == 2 and all(len(x["token_ids"]) >= 1 and x["ttft_s"] > 0 for x in lines)
@@ -276,5 +301,176 @@ def test_demo_same_tokens_weave_and_tp(tmp_path):
 @needs_gpus(2)
 def test_demo_same_tokens_cuda(tmp_path):
     want = demo_tokens(tmp_path, 1, "off", "cuda")
-    for nproc, mode in [(2, "on"), (2, "off")]:
-        assert demo_tokens(tmp_path, nproc, mode, "cuda") == want, (nproc, mode)
+    for nproc, mode, comm in [(2, "on", "nccl"), (2, "off", "nccl"), (2, "on", "fused"), (2, "off", "fused")]:
+        assert demo_tokens(tmp_path, nproc, mode, "cuda", comm=comm) == want, (nproc, mode, comm)
+
+
+# ============================================================================= Qwen2.5 and Mixtral
+# The same bar for the other two families: transformers' logits, TP over gloo, weave on vs off, the
+# CLI; and what only they have: q/k/v biases, sliding windows refused, experts with no tokens.
+
+FAMILIES = ["qwen2", "mixtral"]
+
+
+def hf_family(tmp, family, edit=None, **kw):
+    """A tiny random Qwen2 or Mixtral (4 experts, top 2) saved in HF layout by transformers, eager
+    attention and experts; returns (path, model). Matrices get std 1/sqrt(fan in), so the router and
+    the argmax have clear winners that TP's last-bit differences cannot flip; transformers leaves
+    biases at zero and norms at one, so those are drawn too. edit(model) runs before saving."""
+    from transformers import MixtralConfig, MixtralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    cfg = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4,
+               vocab_size=203, max_position_embeddings=512, attn_implementation="eager") | kw
+    if family == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**{"rope_theta": 1e6} | cfg))
+    else:
+        model = MixtralForCausalLM(MixtralConfig(**dict(num_local_experts=4, experts_implementation="eager") | cfg))
+        assert model.config._experts_implementation == "eager"
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(torch.rand(p.shape, generator=g) + 0.5)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * (0.5 if p.dim() == 1 else p.shape[-1] ** -0.5))
+        if edit:
+            edit(model)
+    model.eval().save_pretrained(tmp)
+    if family == "mixtral":   # transformers 5 fuses the experts in memory (mlp.experts.gate_up_proj);
+        from safetensors import safe_open   # the checkpoint must have the hub's per-expert names
+        with safe_open(os.path.join(tmp, "model.safetensors"), "pt") as f:
+            names = set(f.keys())
+        assert {"model.layers.1.block_sparse_moe.gate.weight", "model.layers.1.block_sparse_moe.experts.3.w1.weight",
+                "model.layers.1.block_sparse_moe.experts.3.w2.weight"} <= names, sorted(names)[:20]
+    return str(tmp), model
+
+
+def assert_matches_hf(path, hf):
+    """Prefill of 3 prompts split at 20 (one straddles), then 3 incremental decode steps, as in
+    test_llama_matches_transformers."""
+    weaver = ours(path, mode="on")
+    g = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(0, 203, (n,), generator=g) for n in (17, 5, 30)]
+    with torch.no_grad():
+        batch = weave.Batch.make([(i, 0, len(p)) for i, p in enumerate(prompts)], torch.cat(prompts).tolist(), "cpu")
+        got = weaver(batch, split=20)
+        want = torch.stack([hf(p[None]).logits[0, -1] for p in prompts])
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+        for step in range(3):
+            nxt = got.argmax(-1)
+            batch = weave.Batch.make([(i, len(p), 1) for i, p in enumerate(prompts)], nxt.tolist(), "cpu")
+            prompts = [torch.cat([p, t[None]]) for p, t in zip(prompts, nxt)]
+            got = weaver(batch)
+            want = torch.stack([hf(p[None]).logits[0, -1] for p in prompts])
+            torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def fam_ckpts(tmp_path_factory):
+    """family -> (checkpoint path, HF model, TP-1 weave-off logits of STEPS)"""
+    out = {}
+    for family in FAMILIES:
+        path, hf = hf_family(tmp_path_factory.mktemp(family), family)
+        out[family] = path, hf, tp_logits(path, 1, tmp_path_factory.mktemp("ref"), mode="off")
+    return out
+
+
+@pytest.fixture(params=FAMILIES)
+def fam_ckpt(request, fam_ckpts):
+    return fam_ckpts[request.param]
+
+
+def test_family_matches_transformers(fam_ckpt):
+    assert_matches_hf(*fam_ckpt[:2])
+
+
+def test_mixtral_idle_experts_and_one_expert_takes_all(tmp_path):
+    """Every token goes to experts 0 and 1, none to 2 and 3: empty groups and a group of all T."""
+    def skew(model):
+        # A large constant first feature of every embedding keeps x[:, 0] large and positive in every
+        # layer, so router column 0 decides: experts 0 and 1 win everywhere, 2 and 3 never.
+        model.model.embed_tokens.weight[:, 0] = 10.0
+        for layer in model.model.layers:
+            layer.post_attention_layernorm.weight[0] = 1.0
+            layer.mlp.gate.weight[:, 0] = torch.tensor([1.0, 0.9, -2.0, -2.0])
+    path, hf = hf_family(tmp_path, "mixtral", edit=skew)
+    chosen = []
+    for layer in hf.model.layers:
+        layer.mlp.gate.register_forward_hook(lambda m, args, out: chosen.append(out[2]))
+    with torch.no_grad():
+        hf(torch.randint(0, 203, (1, 40), generator=torch.Generator().manual_seed(3)))
+    assert len(chosen) == 2 and all(c.sort(-1).values.eq(torch.tensor([0, 1])).all() for c in chosen)
+    assert_matches_hf(path, hf)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_families_tp_gloo_matches_tp1(fam_ckpts, tmp_path, world):
+    """Both families in one launch per TP size, weave on, against TP 1 with weave off."""
+    got = tp_logits([fam_ckpts[f][0] for f in FAMILIES], world, tmp_path, mode="on")
+    want = [(f, x) for f in FAMILIES for x in fam_ckpts[f][2]]
+    assert len(got) == len(want)
+    for g, (family, w) in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5, msg=lambda m: f"{family}: {m}")
+
+
+def test_family_weave_on_matches_off_tp1(fam_ckpt, tmp_path):
+    for got, want in zip(tp_logits(fam_ckpt[0], 1, tmp_path, mode="on"), fam_ckpt[2]):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@needs_gpus(2)
+@pytest.mark.parametrize("world,comm,mode", [(2, "nccl", "off"), (2, "nccl", "on"), (2, "fused", "on")])
+def test_family_tp_cuda_matches_tp1(fam_ckpt, tmp_path, world, comm, mode):
+    assert_cuda_tp_matches_tp1(fam_ckpt[0], tmp_path, world, comm, mode)
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("demo") / "demo"
+    run.make_demo(str(path))
+    return path
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_cli_same_tokens_tp(family, demo_dir, tmp_path, capsys):
+    """Greedy run.py on a tiny checkpoint with the demo's tokenizer: TP 1 with weave off (run.main in
+    this process, sparing a launch) gives the same tokens as TP 2 with weave on (torchrun)."""
+    vocab = json.loads((demo_dir / "config.json").read_text())["vocab_size"]
+    path, _ = hf_family(tmp_path / "ckpt", family, vocab_size=vocab, bos_token_id=0, eos_token_id=1)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(demo_dir / name, path)
+    assert run.main(["--model", path, "--device", "cpu", "--json", "--max-new-tokens", "12", "--weave", "off",
+                     "--prompt", "The quick brown fox", "--prompt", "Once upon a time there was"]) == 0
+    want = [json.loads(line)["token_ids"] for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert len(want) == 2 and demo_tokens(tmp_path, 2, "on", model=path) == want
+
+
+def test_qwen_rejects_sliding_window(tmp_path, capsys):
+    from transformers import Qwen2Config
+    hub = qwen.PRESETS["qwen2.5-72b"] | dict(use_sliding_window=True, sliding_window=4096, max_window_layers=70)
+    v5 = Qwen2Config(num_hidden_layers=4, use_sliding_window=True, max_window_layers=2).to_dict()
+    layer_types_only = {k: v for k, v in v5.items() if k != "use_sliding_window"}   # sliding per layer
+    for c in (hub, v5, layer_types_only):
+        with pytest.raises(ValueError, match="use_sliding_window: true; sliding-window attention is not supported"):
+            qwen.Config.from_hf(c)
+    (tmp_path / "config.json").write_text(json.dumps(hub))
+    assert run.main(["--model", str(tmp_path), "--device", "cpu"]) == 1
+    assert "error: config.json sets use_sliding_window: true" in capsys.readouterr().err
+
+
+def test_family_presets_full_shapes():
+    q = qwen.Config.from_hf(qwen.PRESETS["qwen2.5-72b"])
+    assert (q.hidden, q.n_layers, q.n_heads, q.n_kv_heads, q.head_dim, q.intermediate, q.vocab, q.eps, q.rope_theta,
+            q.rope_scaling, q.qkv_bias, q.eos_ids, q.max_positions, q.tie_embeddings, q.dtype) == (
+        8192, 80, 64, 8, 128, 29568, 152064, 1e-6, 1e6, None, True, (151645,), 32768, False, "bfloat16")
+    m = mixtral.Config.from_hf(mixtral.PRESETS["mixtral-8x22b"])
+    assert (m.hidden, m.n_layers, m.n_heads, m.n_kv_heads, m.head_dim, m.intermediate, m.n_experts, m.top_k, m.vocab,
+            m.eps, m.rope_theta, m.eos_ids, m.max_positions, m.tie_embeddings, m.dtype) == (
+        6144, 56, 48, 8, 128, 16384, 8, 2, 32768, 1e-5, 1e6, (2,), 65536, False, "bfloat16")
+    meta = weave.Dist(1, 4, torch.device("meta"))    # full-size shapes at TP 4, no memory
+    a = qwen.build(qwen.Transformer, q, meta, torch.bfloat16).layers[0].attn
+    assert a.qkv.weight.shape == (2560, 8192) and a.qkv.bias.shape == (2560,) and a.o.weight.shape == (8192, 2048)
+    model = mixtral.build(mixtral.Transformer, m, meta, torch.bfloat16)
+    moe = model.layers[0].mlp
+    assert moe.router.shape == (8, 6144) and moe.w13.shape == (8, 8192, 6144) and moe.w2.shape == (8, 6144, 4096)
+    assert model.weave_threshold == 2048 and len(model.gemm_widths) == 2 + 2 * 8
+    assert abs(weave.wave_split(8192, model.gemm_widths) - 4096) <= 2 * weave.GEMM_TILE_M

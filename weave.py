@@ -209,6 +209,7 @@ class Comm:
     def __init__(self, d: Dist, hidden: int, max_tokens: int, dtype: torch.dtype):
         self.d, self.hidden, self.dtype = d, hidden, dtype
         self.max_tokens = padded(max_tokens, d.world)
+        self.ext = load_ext(d) if dtype == torch.bfloat16 and hidden % 8 == 0 else None
         self.bufs = self.allocate((2, self.max_tokens, hidden))
 
     def allocate(self, shape):
@@ -225,7 +226,15 @@ class Comm:
         return torch.zeros(rows, self.hidden, dtype=self.dtype, device=self.d.device)
 
     def __call__(self, half: int, n: int, residual, w, eps: float, ctas: int) -> None:
-        add_rmsnorm_(self.bufs[half, :n], residual, w, eps)
+        self.add_rmsnorm_(self.bufs[half, :n], residual, w, eps)
+
+    def add_rmsnorm_(self, h, residual, w, eps):
+        """The local add + RMSNorm: the fused kernel on CUDA (one pass over h and the residual),
+        the torch reference elsewhere."""
+        if self.ext is not None:
+            self.ext.fused_add_rmsnorm(h, residual, w, eps)
+        else:
+            add_rmsnorm_(h, residual, w, eps)
 
     def gather_vocab(self, logits: torch.Tensor) -> torch.Tensor:
         """(B, V/N) vocab-parallel logits -> (B, V) on every rank."""
@@ -251,7 +260,7 @@ class NcclComm(Comm):
     def __call__(self, half, n, residual, w, eps, ctas):
         h = self.bufs[half, :n]
         dist.all_reduce(h)
-        add_rmsnorm_(h, residual, w, eps)
+        self.add_rmsnorm_(h, residual, w, eps)
 
 
 class GlooComm(Comm):
@@ -277,11 +286,11 @@ class FusedComm(Comm):
     timeout_s = 30.0
 
     def __init__(self, d, hidden, max_tokens, dtype):
-        import build_ext
-        self.ext = build_ext.load()
         if dtype != torch.bfloat16 or hidden % 8:
             raise ValueError(f"--comm fused needs bf16 and hidden % 8 == 0 (got {dtype}, hidden {hidden})")
         super().__init__(d, hidden, max_tokens, dtype)
+        if self.ext is None:
+            raise SystemExit("error: --comm fused: the CUDA extension could not be built here")
         flags = self.allocate((self.ext.max_ctas() * d.world,), torch.int32)
         self.peer_bufs = [self.peers(self.bufs, half) for half in range(2)]
         self.peer_flags = self.peers(flags, None)
@@ -315,6 +324,21 @@ class FusedComm(Comm):
 
 class LocalComm(Comm):
     """World size 1: no communication, the plain fused add + RMSNorm."""
+
+
+def load_ext(d: Dist):
+    """The compiled kernels where they can be built (Hopper + nvcc), else None: torch fallbacks."""
+    if d.device.type != "cuda":
+        return None
+    import build_ext
+    if not build_ext.available()[0]:
+        return None
+    try:
+        return build_ext.load()
+    except build_ext.BuildError as e:
+        if d.rank == 0:
+            print(f"warning: {e}; using torch ops for add + RMSNorm", flush=True)
+        return None
 
 
 def padded(n: int, world: int) -> int:
