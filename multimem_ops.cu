@@ -445,27 +445,37 @@ cudaError_t launch_fused_allreduce_add_rmsnorm(const Params& p, int n_ctas, cuda
 #include <c10/cuda/CUDAStream.h>
 #include <torch/csrc/utils/pybind.h>
 
+#include <stdexcept>
+
 namespace {
+
+// Argument errors throw std::runtime_error (pybind11 raises RuntimeError), not TORCH_CHECK's
+// c10::Error: that captures a C++ backtrace, and the unwinder crashed (SIGSEGV) doing so on the
+// lent H200 machines.
+#define TW_CHECK(cond, ...) \
+  do {                      \
+    if (!(cond)) throw std::runtime_error(c10::str(__VA_ARGS__)); \
+  } while (0)
 
 void* as_ptr(int64_t addr) { return reinterpret_cast<void*>(static_cast<uintptr_t>(addr)); }
 bool aligned16(int64_t addr) { return addr % 16 == 0; }
 
 // The checks common to both ops: bf16, CUDA, contiguous, on buf's device, 16-byte aligned.
 void check_tensor(const char* op, const char* name, const at::Tensor& t, const at::Tensor& like) {
-  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got ", t.device());
-  TORCH_CHECK(t.scalar_type() == at::kBFloat16, op, ": ", name, " must be bfloat16, got ",
+  TW_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got ", t.device());
+  TW_CHECK(t.scalar_type() == at::kBFloat16, op, ": ", name, " must be bfloat16, got ",
               t.scalar_type());
-  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
-  TORCH_CHECK(t.device() == like.device(), op, ": ", name, " is on ", t.device(),
+  TW_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
+  TW_CHECK(t.device() == like.device(), op, ": ", name, " is on ", t.device(),
               " but the data is on ", like.device());
-  TORCH_CHECK(aligned16(reinterpret_cast<int64_t>(t.data_ptr())), op, ": ", name,
+  TW_CHECK(aligned16(reinterpret_cast<int64_t>(t.data_ptr())), op, ": ", name,
               " must be 16-byte aligned (data_ptr % 16 == 0); a view at an odd row or column "
               "offset is not");
 }
 
 void check_hidden(const char* op, int64_t H) {
-  TORCH_CHECK(H % 8 == 0, op, ": hidden size must be a multiple of 8 (16-byte vectors), got ", H);
-  TORCH_CHECK(H > 0 && H <= tw::MAX_HIDDEN, op, ": hidden size must be in [8, ", tw::MAX_HIDDEN,
+  TW_CHECK(H % 8 == 0, op, ": hidden size must be a multiple of 8 (16-byte vectors), got ", H);
+  TW_CHECK(H > 0 && H <= tw::MAX_HIDDEN, op, ": hidden size must be in [8, ", tw::MAX_HIDDEN,
               "], got ", H);
 }
 
@@ -474,15 +484,15 @@ void fused_add_rmsnorm(at::Tensor x, at::Tensor residual, at::Tensor weight, dou
   check_tensor(op, "x", x, x);
   check_tensor(op, "residual", residual, x);
   check_tensor(op, "weight", weight, x);
-  TORCH_CHECK(x.dim() >= 1, op, ": x must have a hidden dimension");
+  TW_CHECK(x.dim() >= 1, op, ": x must have a hidden dimension");
   const int64_t H = x.size(-1);
   check_hidden(op, H);
-  TORCH_CHECK(residual.sizes() == x.sizes(), op, ": residual must have x's shape ", x.sizes(),
+  TW_CHECK(residual.sizes() == x.sizes(), op, ": residual must have x's shape ", x.sizes(),
               ", got ", residual.sizes());
-  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == H, op, ": weight must be [", H, "], got ",
+  TW_CHECK(weight.dim() == 1 && weight.size(0) == H, op, ": weight must be [", H, "], got ",
               weight.sizes());
   const int64_t T = x.numel() / H;
-  TORCH_CHECK(T <= INT32_MAX, op, ": too many rows (", T, ")");
+  TW_CHECK(T <= INT32_MAX, op, ": too many rows (", T, ")");
   if (T == 0) return;
 
   tw::Params p{};
@@ -505,36 +515,36 @@ void fused_allreduce_add_rmsnorm(at::Tensor buf, std::vector<int64_t> peer_bufs,
   check_tensor(op, "buf", buf, buf);
   check_tensor(op, "residual", residual, buf);
   check_tensor(op, "weight", weight, buf);
-  TORCH_CHECK(buf.dim() == 2, op, ": buf must be [Tp, H], got ", buf.sizes());
+  TW_CHECK(buf.dim() == 2, op, ": buf must be [Tp, H], got ", buf.sizes());
   const int64_t Tp = buf.size(0), H = buf.size(1);
   check_hidden(op, H);
   const int64_t N = static_cast<int64_t>(peer_bufs.size());
-  TORCH_CHECK(N >= 2 && N <= tw::MAX_PEERS, op, ": world size (len(peer_bufs)) must be in [2, ",
+  TW_CHECK(N >= 2 && N <= tw::MAX_PEERS, op, ": world size (len(peer_bufs)) must be in [2, ",
               tw::MAX_PEERS, "], got ", N);
-  TORCH_CHECK(static_cast<int64_t>(peer_flags.size()) == N, op, ": peer_flags has ",
+  TW_CHECK(static_cast<int64_t>(peer_flags.size()) == N, op, ": peer_flags has ",
               peer_flags.size(), " entries but peer_bufs has ", N);
-  TORCH_CHECK(rank >= 0 && rank < N, op, ": rank ", rank, " is not in [0, ", N, ")");
-  TORCH_CHECK(peer_bufs[rank] == reinterpret_cast<int64_t>(buf.data_ptr()), op,
+  TW_CHECK(rank >= 0 && rank < N, op, ": rank ", rank, " is not in [0, ", N, ")");
+  TW_CHECK(peer_bufs[rank] == reinterpret_cast<int64_t>(buf.data_ptr()), op,
               ": peer_bufs[rank] must be buf.data_ptr() (the address of this view in each rank's "
               "mapping: buffer_ptrs[i] + buf.data_ptr() - buffer_ptrs[rank])");
   for (int64_t i = 0; i < N; ++i) {
-    TORCH_CHECK(peer_bufs[i] != 0 && aligned16(peer_bufs[i]), op, ": peer_bufs[", i,
+    TW_CHECK(peer_bufs[i] != 0 && aligned16(peer_bufs[i]), op, ": peer_bufs[", i,
                 "] must be a non-null 16-byte aligned address");
-    TORCH_CHECK(peer_flags[i] != 0 && peer_flags[i] % 4 == 0, op, ": peer_flags[", i,
+    TW_CHECK(peer_flags[i] != 0 && peer_flags[i] % 4 == 0, op, ": peer_flags[", i,
                 "] must be a non-null 4-byte aligned address");
   }
-  TORCH_CHECK(aligned16(multicast_ptr), op, ": multicast_ptr must be 16-byte aligned (or 0)");
-  TORCH_CHECK(Tp % N == 0, op, ": the row count ", Tp, " must be a multiple of the world size ",
+  TW_CHECK(aligned16(multicast_ptr), op, ": multicast_ptr must be 16-byte aligned (or 0)");
+  TW_CHECK(Tp % N == 0, op, ": the row count ", Tp, " must be a multiple of the world size ",
               N, " (pad the tokens)");
-  TORCH_CHECK(residual.dim() == 2 && residual.size(0) == Tp / N && residual.size(1) == H, op,
+  TW_CHECK(residual.dim() == 2 && residual.size(0) == Tp / N && residual.size(1) == H, op,
               ": residual must be this rank's slice [Tp/N, H] = [", Tp / N, ", ", H, "], got ",
               residual.sizes());
-  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == H, op, ": weight must be [", H, "], got ",
+  TW_CHECK(weight.dim() == 1 && weight.size(0) == H, op, ": weight must be [", H, "], got ",
               weight.sizes());
-  TORCH_CHECK(n_ctas >= 1 && n_ctas <= tw::MAX_CTAS, op, ": n_ctas must be in [1, ", tw::MAX_CTAS,
+  TW_CHECK(n_ctas >= 1 && n_ctas <= tw::MAX_CTAS, op, ": n_ctas must be in [1, ", tw::MAX_CTAS,
               "], got ", n_ctas);
-  TORCH_CHECK(timeout_s > 0, op, ": timeout_s must be positive, got ", timeout_s);
-  TORCH_CHECK(Tp <= INT32_MAX, op, ": too many rows (", Tp, ")");
+  TW_CHECK(timeout_s > 0, op, ": timeout_s must be positive, got ", timeout_s);
+  TW_CHECK(Tp <= INT32_MAX, op, ": too many rows (", Tp, ")");
   if (Tp == 0) return;
 
   tw::Params p{};
