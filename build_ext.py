@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -123,8 +124,21 @@ def load(verbose: bool = False):
                 module, error = _try(lambda: _build_here(directory, verbose))
     if error:
         raise BuildError(error)
-    _module = module
-    return module
+    _module = types.SimpleNamespace(fused_add_rmsnorm=_raising(module.fused_add_rmsnorm),
+                                    fused_allreduce_add_rmsnorm=_raising(module.fused_allreduce_add_rmsnorm),
+                                    max_ctas=module.max_ctas, so=module.__file__)
+    return _module
+
+
+def _raising(op):
+    """The kernels' bindings return "" or an error message instead of throwing (a C++ exception
+    leaving the extension crashed the process on the lent machines): raise it here."""
+    def call(*args):
+        error = op(*args)
+        if error:
+            raise RuntimeError(error)
+    call.__doc__ = op.__doc__
+    return call
 
 
 def _cuda_tool(name: str) -> str:
@@ -174,10 +188,10 @@ def main() -> int:
     except BuildError as e:
         print(f"build_ext: {e}", file=sys.stderr)
         return 1
-    print(f"{NAME} ready in {time.perf_counter() - t0:.1f} s: {module.__file__}")
+    print(f"{NAME} ready in {time.perf_counter() - t0:.1f} s: {module.so}")
     if args.sass:
         print("multimem LDG.128 STG.128  kernel / memory opcodes")
-        for kernel, c in sass_counts(Path(module.__file__)).items():
+        for kernel, c in sass_counts(Path(module.so)).items():
             print(f"{c['multimem']:8d} {c['LDG.128']:7d} {c['STG.128']:7d}  {kernel}\n"
                   f"{'':26}{' '.join(sorted(c['ops']))}")
     return 0

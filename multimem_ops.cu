@@ -445,23 +445,34 @@ cudaError_t launch_fused_allreduce_add_rmsnorm(const Params& p, int n_ctas, cuda
 #include <c10/cuda/CUDAStream.h>
 #include <torch/csrc/utils/pybind.h>
 
-#include <stdexcept>
+#include <string>
 
 namespace {
 
-// Argument errors throw std::runtime_error (pybind11 raises RuntimeError), not TORCH_CHECK's
-// c10::Error: that captures a C++ backtrace, and the unwinder crashed (SIGSEGV) doing so on the
-// lent H200 machines.
+// The bindings never throw: they return "" or the error message, and build_ext.py raises it in
+// Python. On the lent H200 machines any C++ exception leaving this extension (TORCH_CHECK's, or a
+// plain std::runtime_error) crashed the process in the unwinder (SIGSEGV) instead of reaching
+// Python.
 #define TW_CHECK(cond, ...) \
   do {                      \
-    if (!(cond)) throw std::runtime_error(c10::str(__VA_ARGS__)); \
+    if (!(cond)) return c10::str(__VA_ARGS__); \
   } while (0)
+#define TW_TRY(expr)                     \
+  do {                                   \
+    std::string error_ = (expr);         \
+    if (!error_.empty()) return error_;  \
+  } while (0)
+
+std::string cuda_error(const char* op, cudaError_t e) {
+  if (e == cudaSuccess) e = cudaGetLastError();
+  return e == cudaSuccess ? "" : c10::str(op, ": CUDA error: ", cudaGetErrorString(e));
+}
 
 void* as_ptr(int64_t addr) { return reinterpret_cast<void*>(static_cast<uintptr_t>(addr)); }
 bool aligned16(int64_t addr) { return addr % 16 == 0; }
 
 // The checks common to both ops: bf16, CUDA, contiguous, on buf's device, 16-byte aligned.
-void check_tensor(const char* op, const char* name, const at::Tensor& t, const at::Tensor& like) {
+std::string check_tensor(const char* op, const char* name, const at::Tensor& t, const at::Tensor& like) {
   TW_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got ", t.device());
   TW_CHECK(t.scalar_type() == at::kBFloat16, op, ": ", name, " must be bfloat16, got ",
               t.scalar_type());
@@ -471,29 +482,31 @@ void check_tensor(const char* op, const char* name, const at::Tensor& t, const a
   TW_CHECK(aligned16(reinterpret_cast<int64_t>(t.data_ptr())), op, ": ", name,
               " must be 16-byte aligned (data_ptr % 16 == 0); a view at an odd row or column "
               "offset is not");
+  return "";
 }
 
-void check_hidden(const char* op, int64_t H) {
+std::string check_hidden(const char* op, int64_t H) {
   TW_CHECK(H % 8 == 0, op, ": hidden size must be a multiple of 8 (16-byte vectors), got ", H);
   TW_CHECK(H > 0 && H <= tw::MAX_HIDDEN, op, ": hidden size must be in [8, ", tw::MAX_HIDDEN,
               "], got ", H);
+  return "";
 }
 
-void fused_add_rmsnorm(at::Tensor x, at::Tensor residual, at::Tensor weight, double eps) {
+std::string fused_add_rmsnorm(at::Tensor x, at::Tensor residual, at::Tensor weight, double eps) {
   const char* op = "fused_add_rmsnorm";
-  check_tensor(op, "x", x, x);
-  check_tensor(op, "residual", residual, x);
-  check_tensor(op, "weight", weight, x);
+  TW_TRY(check_tensor(op, "x", x, x));
+  TW_TRY(check_tensor(op, "residual", residual, x));
+  TW_TRY(check_tensor(op, "weight", weight, x));
   TW_CHECK(x.dim() >= 1, op, ": x must have a hidden dimension");
   const int64_t H = x.size(-1);
-  check_hidden(op, H);
+  TW_TRY(check_hidden(op, H));
   TW_CHECK(residual.sizes() == x.sizes(), op, ": residual must have x's shape ", x.sizes(),
               ", got ", residual.sizes());
   TW_CHECK(weight.dim() == 1 && weight.size(0) == H, op, ": weight must be [", H, "], got ",
               weight.sizes());
   const int64_t T = x.numel() / H;
   TW_CHECK(T <= INT32_MAX, op, ": too many rows (", T, ")");
-  if (T == 0) return;
+  if (T == 0) return "";
 
   tw::Params p{};
   p.buf = static_cast<uint4*>(x.data_ptr());
@@ -503,21 +516,20 @@ void fused_add_rmsnorm(at::Tensor x, at::Tensor residual, at::Tensor weight, dou
   p.nvec = static_cast<int>(H / 8);
   p.eps = static_cast<float>(eps);
   const c10::cuda::CUDAGuard guard(x.device());
-  C10_CUDA_CHECK(tw::launch_fused_add_rmsnorm(p, c10::cuda::getCurrentCUDAStream()));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return cuda_error(op, tw::launch_fused_add_rmsnorm(p, c10::cuda::getCurrentCUDAStream()));
 }
 
-void fused_allreduce_add_rmsnorm(at::Tensor buf, std::vector<int64_t> peer_bufs,
+std::string fused_allreduce_add_rmsnorm(at::Tensor buf, std::vector<int64_t> peer_bufs,
                                  int64_t multicast_ptr, std::vector<int64_t> peer_flags,
                                  int64_t rank, at::Tensor residual, at::Tensor weight, double eps,
                                  int64_t n_ctas, double timeout_s) {
   const char* op = "fused_allreduce_add_rmsnorm";
-  check_tensor(op, "buf", buf, buf);
-  check_tensor(op, "residual", residual, buf);
-  check_tensor(op, "weight", weight, buf);
+  TW_TRY(check_tensor(op, "buf", buf, buf));
+  TW_TRY(check_tensor(op, "residual", residual, buf));
+  TW_TRY(check_tensor(op, "weight", weight, buf));
   TW_CHECK(buf.dim() == 2, op, ": buf must be [Tp, H], got ", buf.sizes());
   const int64_t Tp = buf.size(0), H = buf.size(1);
-  check_hidden(op, H);
+  TW_TRY(check_hidden(op, H));
   const int64_t N = static_cast<int64_t>(peer_bufs.size());
   TW_CHECK(N >= 2 && N <= tw::MAX_PEERS, op, ": world size (len(peer_bufs)) must be in [2, ",
               tw::MAX_PEERS, "], got ", N);
@@ -545,7 +557,7 @@ void fused_allreduce_add_rmsnorm(at::Tensor buf, std::vector<int64_t> peer_bufs,
               "], got ", n_ctas);
   TW_CHECK(timeout_s > 0, op, ": timeout_s must be positive, got ", timeout_s);
   TW_CHECK(Tp <= INT32_MAX, op, ": too many rows (", Tp, ")");
-  if (Tp == 0) return;
+  if (Tp == 0) return "";
 
   tw::Params p{};
   p.buf = static_cast<uint4*>(buf.data_ptr());
@@ -563,9 +575,8 @@ void fused_allreduce_add_rmsnorm(at::Tensor buf, std::vector<int64_t> peer_bufs,
   p.eps = static_cast<float>(eps);
   p.timeout_ns = static_cast<unsigned long long>(timeout_s * 1e9);
   const c10::cuda::CUDAGuard guard(buf.device());
-  C10_CUDA_CHECK(tw::launch_fused_allreduce_add_rmsnorm(p, static_cast<int>(n_ctas),
-                                                        c10::cuda::getCurrentCUDAStream()));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return cuda_error(op, tw::launch_fused_allreduce_add_rmsnorm(p, static_cast<int>(n_ctas),
+                                                               c10::cuda::getCurrentCUDAStream()));
 }
 
 }  // namespace
