@@ -449,13 +449,14 @@ cudaError_t launch_fused_allreduce_add_rmsnorm(const Params& p, int n_ctas, cuda
 
 namespace {
 
-// The bindings never throw: they return "" or the error message, and build_ext.py raises it in
-// Python. On the lent H200 machines any C++ exception leaving this extension (TORCH_CHECK's, or a
-// plain std::runtime_error) crashed the process in the unwinder (SIGSEGV) instead of reaching
-// Python.
-#define TW_CHECK(cond, ...) \
-  do {                      \
-    if (!(cond)) return c10::str(__VA_ARGS__); \
+// The bindings never throw and never format with iostreams: they return "" or an error message
+// that build_ext.py raises in Python (which also checks every argument first, with fuller
+// messages). On the lent H200 machines, both a C++ exception leaving the extension and c10::str
+// (an ostringstream) crashed the process: the number formatting resolved to a copy of
+// libstdc++'s iostream code inside this .so and faulted in its locale facet (cuda-gdb backtrace).
+#define TW_CHECK(cond)                                          \
+  do {                                                          \
+    if (!(cond)) return std::string(op) + ": check failed: " #cond; \
   } while (0)
 #define TW_TRY(expr)                     \
   do {                                   \
@@ -465,30 +466,27 @@ namespace {
 
 std::string cuda_error(const char* op, cudaError_t e) {
   if (e == cudaSuccess) e = cudaGetLastError();
-  return e == cudaSuccess ? "" : c10::str(op, ": CUDA error: ", cudaGetErrorString(e));
+  return e == cudaSuccess ? "" : std::string(op) + ": CUDA error: " + cudaGetErrorString(e);
 }
 
 void* as_ptr(int64_t addr) { return reinterpret_cast<void*>(static_cast<uintptr_t>(addr)); }
 bool aligned16(int64_t addr) { return addr % 16 == 0; }
 
 // The checks common to both ops: bf16, CUDA, contiguous, on buf's device, 16-byte aligned.
-std::string check_tensor(const char* op, const char* name, const at::Tensor& t, const at::Tensor& like) {
-  TW_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got ", t.device());
-  TW_CHECK(t.scalar_type() == at::kBFloat16, op, ": ", name, " must be bfloat16, got ",
-              t.scalar_type());
-  TW_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
-  TW_CHECK(t.device() == like.device(), op, ": ", name, " is on ", t.device(),
-              " but the data is on ", like.device());
-  TW_CHECK(aligned16(reinterpret_cast<int64_t>(t.data_ptr())), op, ": ", name,
-              " must be 16-byte aligned (data_ptr % 16 == 0); a view at an odd row or column "
-              "offset is not");
+std::string check_tensor(const char* op_name, const char* name, const at::Tensor& t, const at::Tensor& like) {
+  const std::string label = std::string(op_name) + " (" + name + ")";
+  const char* op = label.c_str();
+  TW_CHECK(t.is_cuda());
+  TW_CHECK(t.scalar_type() == at::kBFloat16);
+  TW_CHECK(t.is_contiguous());
+  TW_CHECK(t.device() == like.device());
+  TW_CHECK(aligned16(reinterpret_cast<int64_t>(t.data_ptr())));
   return "";
 }
 
 std::string check_hidden(const char* op, int64_t H) {
-  TW_CHECK(H % 8 == 0, op, ": hidden size must be a multiple of 8 (16-byte vectors), got ", H);
-  TW_CHECK(H > 0 && H <= tw::MAX_HIDDEN, op, ": hidden size must be in [8, ", tw::MAX_HIDDEN,
-              "], got ", H);
+  TW_CHECK(H % 8 == 0);
+  TW_CHECK(H > 0 && H <= tw::MAX_HIDDEN);
   return "";
 }
 
@@ -497,15 +495,13 @@ std::string fused_add_rmsnorm(at::Tensor x, at::Tensor residual, at::Tensor weig
   TW_TRY(check_tensor(op, "x", x, x));
   TW_TRY(check_tensor(op, "residual", residual, x));
   TW_TRY(check_tensor(op, "weight", weight, x));
-  TW_CHECK(x.dim() >= 1, op, ": x must have a hidden dimension");
+  TW_CHECK(x.dim() >= 1);
   const int64_t H = x.size(-1);
   TW_TRY(check_hidden(op, H));
-  TW_CHECK(residual.sizes() == x.sizes(), op, ": residual must have x's shape ", x.sizes(),
-              ", got ", residual.sizes());
-  TW_CHECK(weight.dim() == 1 && weight.size(0) == H, op, ": weight must be [", H, "], got ",
-              weight.sizes());
+  TW_CHECK(residual.sizes() == x.sizes());
+  TW_CHECK(weight.dim() == 1 && weight.size(0) == H);
   const int64_t T = x.numel() / H;
-  TW_CHECK(T <= INT32_MAX, op, ": too many rows (", T, ")");
+  TW_CHECK(T <= INT32_MAX);
   if (T == 0) return "";
 
   tw::Params p{};
@@ -527,36 +523,25 @@ std::string fused_allreduce_add_rmsnorm(at::Tensor buf, std::vector<int64_t> pee
   TW_TRY(check_tensor(op, "buf", buf, buf));
   TW_TRY(check_tensor(op, "residual", residual, buf));
   TW_TRY(check_tensor(op, "weight", weight, buf));
-  TW_CHECK(buf.dim() == 2, op, ": buf must be [Tp, H], got ", buf.sizes());
+  TW_CHECK(buf.dim() == 2);
   const int64_t Tp = buf.size(0), H = buf.size(1);
   TW_TRY(check_hidden(op, H));
   const int64_t N = static_cast<int64_t>(peer_bufs.size());
-  TW_CHECK(N >= 2 && N <= tw::MAX_PEERS, op, ": world size (len(peer_bufs)) must be in [2, ",
-              tw::MAX_PEERS, "], got ", N);
-  TW_CHECK(static_cast<int64_t>(peer_flags.size()) == N, op, ": peer_flags has ",
-              peer_flags.size(), " entries but peer_bufs has ", N);
-  TW_CHECK(rank >= 0 && rank < N, op, ": rank ", rank, " is not in [0, ", N, ")");
-  TW_CHECK(peer_bufs[rank] == reinterpret_cast<int64_t>(buf.data_ptr()), op,
-              ": peer_bufs[rank] must be buf.data_ptr() (the address of this view in each rank's "
-              "mapping: buffer_ptrs[i] + buf.data_ptr() - buffer_ptrs[rank])");
+  TW_CHECK(N >= 2 && N <= tw::MAX_PEERS);
+  TW_CHECK(static_cast<int64_t>(peer_flags.size()) == N);
+  TW_CHECK(rank >= 0 && rank < N);
+  TW_CHECK(peer_bufs[rank] == reinterpret_cast<int64_t>(buf.data_ptr()));
   for (int64_t i = 0; i < N; ++i) {
-    TW_CHECK(peer_bufs[i] != 0 && aligned16(peer_bufs[i]), op, ": peer_bufs[", i,
-                "] must be a non-null 16-byte aligned address");
-    TW_CHECK(peer_flags[i] != 0 && peer_flags[i] % 4 == 0, op, ": peer_flags[", i,
-                "] must be a non-null 4-byte aligned address");
+    TW_CHECK(peer_bufs[i] != 0 && aligned16(peer_bufs[i]));
+    TW_CHECK(peer_flags[i] != 0 && peer_flags[i] % 4 == 0);
   }
-  TW_CHECK(aligned16(multicast_ptr), op, ": multicast_ptr must be 16-byte aligned (or 0)");
-  TW_CHECK(Tp % N == 0, op, ": the row count ", Tp, " must be a multiple of the world size ",
-              N, " (pad the tokens)");
-  TW_CHECK(residual.dim() == 2 && residual.size(0) == Tp / N && residual.size(1) == H, op,
-              ": residual must be this rank's slice [Tp/N, H] = [", Tp / N, ", ", H, "], got ",
-              residual.sizes());
-  TW_CHECK(weight.dim() == 1 && weight.size(0) == H, op, ": weight must be [", H, "], got ",
-              weight.sizes());
-  TW_CHECK(n_ctas >= 1 && n_ctas <= tw::MAX_CTAS, op, ": n_ctas must be in [1, ", tw::MAX_CTAS,
-              "], got ", n_ctas);
-  TW_CHECK(timeout_s > 0, op, ": timeout_s must be positive, got ", timeout_s);
-  TW_CHECK(Tp <= INT32_MAX, op, ": too many rows (", Tp, ")");
+  TW_CHECK(aligned16(multicast_ptr));
+  TW_CHECK(Tp % N == 0);
+  TW_CHECK(residual.dim() == 2 && residual.size(0) == Tp / N && residual.size(1) == H);
+  TW_CHECK(weight.dim() == 1 && weight.size(0) == H);
+  TW_CHECK(n_ctas >= 1 && n_ctas <= tw::MAX_CTAS);
+  TW_CHECK(timeout_s > 0);
+  TW_CHECK(Tp <= INT32_MAX);
   if (Tp == 0) return "";
 
   tw::Params p{};
