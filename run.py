@@ -217,7 +217,7 @@ def generate(weaver, prompts_ids, max_new: int, eos: set, args, d: weave.Dist):
     active = list(range(B))
     step, ttft = 0, None
     while active:
-        nxt = broadcast_from_rank0(sample(weaver(batch), args.temperature, args.top_p, g), d).tolist()
+        nxt = weave.broadcast_from_rank0(sample(weaver(batch), args.temperature, args.top_p, g), d).tolist()
         if ttft is None:
             ttft = sync(d) - t0
         step += 1
@@ -232,10 +232,6 @@ def generate(weaver, prompts_ids, max_new: int, eos: set, args, d: weave.Dist):
     timings = {"ttft_s": ttft, "prefill_tok_s": n_prefill / ttft,
                "decode_tok_s": n_decode / (total - ttft) if n_decode else None, "decode_steps": step - 1}
     return out, timings
-
-
-def broadcast_from_rank0(t, d):
-    return weave.broadcast_from_rank0(t.contiguous(), d)
 
 
 def main(argv=None) -> int:

@@ -80,26 +80,32 @@ def run_steps(weaver, device, steps=STEPS):
 # ----------------------------------------------------------------------------- vs transformers
 
 
-@pytest.mark.parametrize("kw", [dict(rope_scaling=LLAMA3_ROPE), dict(num_key_value_heads=8),
-                                dict(num_key_value_heads=2, tie_word_embeddings=True),
-                                dict(num_key_value_heads=1, rope_theta=500000.0)],
-                         ids=["gqa2-llama3rope", "mha", "gqa4-tied", "mqa"])
-def test_llama_matches_transformers(tmp_path, kw):
-    path, hf = hf_llama(tmp_path, **kw)
+def assert_matches_hf(path, hf):
+    """Our logits against transformers' (fp32): a prefill of 3 prompts split at 20 (one straddles
+    the split), then 3 incremental decode steps."""
     weaver = ours(path, mode="on")
-    prompts = [torch.randint(0, 203, (n,)) for n in (17, 5, 30)]
+    g = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(0, 203, (n,), generator=g) for n in (17, 5, 30)]
     with torch.no_grad():
         batch = weave.Batch.make([(i, 0, len(p)) for i, p in enumerate(prompts)], torch.cat(prompts).tolist(), "cpu")
-        got = weaver(batch, split=20)                                   # prefill, seq 1 straddles
+        got = weaver(batch, split=20)
         want = torch.stack([hf(p[None]).logits[0, -1] for p in prompts])
         torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
-        for step in range(3):                                          # incremental decode
+        for step in range(3):
             nxt = got.argmax(-1)
             batch = weave.Batch.make([(i, len(p), 1) for i, p in enumerate(prompts)], nxt.tolist(), "cpu")
             prompts = [torch.cat([p, t[None]]) for p, t in zip(prompts, nxt)]
             got = weaver(batch)
             want = torch.stack([hf(p[None]).logits[0, -1] for p in prompts])
             torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kw", [dict(rope_scaling=LLAMA3_ROPE), dict(num_key_value_heads=8),
+                                dict(num_key_value_heads=2, tie_word_embeddings=True),
+                                dict(num_key_value_heads=1, rope_theta=500000.0)],
+                         ids=["gqa2-llama3rope", "mha", "gqa4-tied", "mqa"])
+def test_llama_matches_transformers(tmp_path, kw):
+    assert_matches_hf(*hf_llama(tmp_path, **kw))
 
 
 # ----------------------------------------------------------------------------- tensor parallel
@@ -342,26 +348,6 @@ def hf_family(tmp, family, edit=None, **kw):
         assert {"model.layers.1.block_sparse_moe.gate.weight", "model.layers.1.block_sparse_moe.experts.3.w1.weight",
                 "model.layers.1.block_sparse_moe.experts.3.w2.weight"} <= names, sorted(names)[:20]
     return str(tmp), model
-
-
-def assert_matches_hf(path, hf):
-    """Prefill of 3 prompts split at 20 (one straddles), then 3 incremental decode steps, as in
-    test_llama_matches_transformers."""
-    weaver = ours(path, mode="on")
-    g = torch.Generator().manual_seed(7)
-    prompts = [torch.randint(0, 203, (n,), generator=g) for n in (17, 5, 30)]
-    with torch.no_grad():
-        batch = weave.Batch.make([(i, 0, len(p)) for i, p in enumerate(prompts)], torch.cat(prompts).tolist(), "cpu")
-        got = weaver(batch, split=20)
-        want = torch.stack([hf(p[None]).logits[0, -1] for p in prompts])
-        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
-        for step in range(3):
-            nxt = got.argmax(-1)
-            batch = weave.Batch.make([(i, len(p), 1) for i, p in enumerate(prompts)], nxt.tolist(), "cpu")
-            prompts = [torch.cat([p, t[None]]) for p, t in zip(prompts, nxt)]
-            got = weaver(batch)
-            want = torch.stack([hf(p[None]).logits[0, -1] for p in prompts])
-            torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
 
 
 @pytest.fixture(scope="module")

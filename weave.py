@@ -59,6 +59,8 @@ def init_distributed(device: str = "auto") -> Dist:
 
 
 def broadcast_from_rank0(t: torch.Tensor, d: Dist) -> torch.Tensor:
+    """Rank 0's t on every rank (sampled tokens: every rank must continue with the same ones)."""
+    t = t.contiguous()
     if d.world > 1:
         dist.broadcast(t, src=0)
     return t
