@@ -12,9 +12,7 @@ The fused backend does that in one kernel over torch symmetric memory (multimem_
 reduce-scatter, the add + RMSNorm on the 1/N of the rows this rank owns, and an all-gather of the
 normalized rows. So the residual is partitioned: rank r keeps rows [r*n/N, (r+1)*n/N) only.
 """
-import contextlib
 import dataclasses
-import glob
 import json
 import math
 import os
