@@ -35,7 +35,7 @@ class Config(llama.Config):
 
 class MoE(nn.Module):
     """Routing as transformers does it: softmax in fp32 over all experts, top-k, the k weights
-    renormalized to sum to 1. Then one GEMM pair per expert over the tokens routed to it."""
+    renormalized to sum to 1. Then two grouped GEMMs over the (token, choice) pairs sorted by expert."""
 
     def __init__(self, cfg: Config, d: Dist):
         super().__init__()
@@ -52,19 +52,17 @@ class MoE(nn.Module):
         probs = F.linear(x, self.router).float().softmax(dim=-1)        # (T, E)
         weights, experts = probs.topk(self.k, dim=-1)                   # (T, k)
         weights /= weights.sum(dim=-1, keepdim=True)
-        pairs = experts.flatten()                                       # (T*k,) expert of each (token, choice)
-        order = pairs.argsort(stable=True)                              # the pairs grouped by expert
-        # The loop needs the group sizes on the host: a sync with the compute stream (comm keeps running).
-        counts = pairs.bincount(minlength=self.w13.shape[0]).tolist()
-        tokens = (order // self.k).split(counts)                        # per expert: its tokens ...
-        scales = weights.flatten()[order].split(counts)                 # ... and their routing weights
-        h.zero_()
-        for e, (t, w) in enumerate(zip(tokens, scales)):
-            if not len(t):
-                continue
-            gate, up = F.linear(x[t], self.w13[e]).chunk(2, dim=-1)     # (n_e, I/N) each
-            y = F.linear(F.silu(gate) * up, self.w2[e])                 # (n_e, H) partial
-            h.index_add_(0, t, (y * w[:, None]).to(h.dtype))            # weight in fp32, add in h's dtype: as HF
+        # Group the (token, choice) pairs by expert. The group ends stay on the GPU: a host sync here
+        # would stall the CPU from queueing the other half's work, and the overlap with it.
+        pairs, order = experts.flatten().sort(stable=True)              # (T*k,) expert of each pair, sorted
+        E = self.w13.shape[0]
+        ends = torch.searchsorted(pairs, torch.arange(E, device=h.device), right=True).int()   # (E,)
+        tokens = order // self.k                                        # (T*k,) the token of each pair
+        # One grouped GEMM runs every expert on its rows; mat_b is (E, K, N): the weights transposed.
+        gate, up = torch._grouped_mm(x[tokens], self.w13.transpose(1, 2), offs=ends).chunk(2, dim=-1)  # (T*k, I/N)
+        y = torch._grouped_mm(F.silu(gate) * up, self.w2.transpose(1, 2), offs=ends)   # (T*k, H) partial
+        # Weight in fp32, add in h's dtype, pairs in expert order: as transformers' loop over experts.
+        h.zero_().index_add_(0, tokens, (y * weights.flatten()[order, None]).to(h.dtype))
 
     def loaders(self, p: str) -> dict:
         r, n = self.d.rank, self.n
@@ -84,10 +82,10 @@ class Transformer(llama.Transformer):
 
     def __init__(self, cfg: Config, d: Dist):
         super().__init__(cfg, d)
-        E, k, n = cfg.n_experts, cfg.top_k, self.layers[0].mlp.n
-        # An expert's GEMMs see about k/E of the tokens: in waves, a GEMM over all of them with k/E
-        # of the width, once per expert (each expert is its own launch). The router's E columns are negligible.
-        self.gemm_widths = self.gemm_widths[:2] + [2 * n * k // E, cfg.hidden * k // E] * E
+        k, n = cfg.top_k, self.layers[0].mlp.n
+        # A grouped GEMM over the T*k pairs fills about the waves of one GEMM over T rows with k times
+        # the width. The router's E columns are negligible.
+        self.gemm_widths = self.gemm_widths[:2] + [2 * n * k, cfg.hidden * k]
 
     def loaders(self) -> dict:
         # The hub checkpoints name the block block_sparse_moe where Llama has mlp.
