@@ -23,11 +23,12 @@ import torch.distributed as dist
 import weave
 
 PRESETS = {"llama-3.3-70b": "llama", "qwen2.5-72b": "qwen", "mixtral-8x22b": "mixtral"}   # preset -> model file
-MODES = {"nccl": ("nccl", "off"),          # baseline: NCCL all-reduce + add/RMSNorm, no split
-         "fuse-only": ("fused", "off"),    # the fused kernel, no split
-         "weave": ("fused", "on"),         # split + overlap + fused kernel
-         "weave-nccl": ("nccl", "on"),     # split + overlap with NCCL: what overlap alone gives
-         "none": ("none", "off")}          # communication removed: the ideal
+MODES = {"nccl": ("nccl", "off", True),          # baseline: NCCL all-reduce + add/RMSNorm, no split
+         "fuse-only": ("fused", "off", True),    # the fused kernel, no split
+         "weave": ("fused", "on", True),         # split + overlap + fused kernel
+         "weave-nocarve": ("fused", "on", False),  # ... with GEMMs on all SMs beside the comm
+         "weave-nccl": ("nccl", "on", True),     # split + overlap with NCCL: what overlap alone gives
+         "none": ("none", "off", True)}          # communication removed: the ideal
 NVLINK_GBPS = 450   # H100/H200 NVLink 4, per direction
 
 
@@ -93,10 +94,10 @@ def prefill_batch(T: int, n_seqs: int, vocab: int, device) -> weave.Batch:
 def make_weavers(model, d, modes, max_tokens, tuning) -> dict:
     comms, out = {}, {}
     for m in modes:
-        comm, split = MODES[m]
+        comm, split, carveout = MODES[m]
         if comm not in comms:
             comms[comm] = weave.make_comm(comm, d, model.cfg.hidden, max_tokens, torch.bfloat16)
-        out[m] = weave.Weaver(model, comms[comm], split, tuning)
+        out[m] = weave.Weaver(model, comms[comm], split, dataclasses.replace(tuning, carveout=carveout))
     return out
 
 
