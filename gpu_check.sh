@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: environment, extension build + SASS check, GPU tests, benchmarks. Logs go to
 # $OUT (or ./results). Usage: bash gpu_check.sh [build] [test] [kernel] [model] [tune] ...
-#   model/tune take MODEL, LAYERS, TOKENS, SEQS from the environment.
+#   model/tune take MODEL, LAYERS, TOKENS, SEQS (and model MODES) from the environment.
 set -uo pipefail
 OUT=${OUT:-results}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -17,7 +17,7 @@ for step in "$@"; do
     alltest) run python3 -m pytest -q -rs 2>&1 | tee "$OUT/test.log" ;;
     kernel) run torchrun --standalone --nproc-per-node "$NPROC" bench.py kernel --out "$OUT/kernel.json" 2>&1 | grep -v "^W1" | tee "$OUT/kernel.log" ;;
     model)  run torchrun --standalone --nproc-per-node "$NPROC" bench.py model --model "$MODEL" --layers "$LAYERS" --tokens "$TOKENS" \
-              --seqs "$SEQS" --modes nccl,weave-nccl,fuse-only,weave,none --plot "$OUT/$MODEL-tp$NPROC.png" \
+              --seqs "$SEQS" --modes "${MODES:-nccl,weave-nccl,fuse-only,weave,none}" --plot "$OUT/$MODEL-tp$NPROC.png" \
               --trace "$OUT/trace-$MODEL.json" --out "$OUT/model-$MODEL-tp$NPROC.json" 2>&1 | grep -v "^W1" | tee "$OUT/model-$MODEL.log" ;;
     tune)   run torchrun --standalone --nproc-per-node "$NPROC" bench.py tune --model "$MODEL" --layers "$LAYERS" --tokens "$TOKENS" \
               --out "$OUT/tune-$MODEL.json" 2>&1 | grep -v "^W1" | tee "$OUT/tune-$MODEL.log"; cp configs/*.json "$OUT/" 2>/dev/null ;;
