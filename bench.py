@@ -117,7 +117,8 @@ def cmd_model(args, d, env):
             for _ in range(args.iters):                     # interleaved rounds
                 for m in args.modes:
                     times[m] += timed(lambda: weavers[m](batch), 1, warmup=0)
-            row = {"tokens": T, "seqs": n_seqs, "split": weavers[args.modes[-1]].split_point(T)}
+            split = next((weavers[m].split_point(T) for m in args.modes if MODES[m][1] == "on"), None)
+            row = {"tokens": T, "seqs": n_seqs, "split": split}
             row |= {m: stats(t) for m, t in times.items()}
             rows.append(row)
             say(d, f"  {T:>6} tokens x {n_seqs} seqs: " + ", ".join(f"{m} {row[m]['median_ms']:.2f}" for m in args.modes))
