@@ -174,7 +174,8 @@ def cmd_kernel(args, d, env):
 
 
 def cmd_tune(args, d, env):
-    """Per token count: the split offset, then the attention-time and MLP-time CTA budgets, by
+    """Per token count: the split offset, the attention-time and MLP-time CTA budgets, then whether
+    the overlapped GEMMs carve out the comm's SMs, by
     coordinate descent (each knob swept with the others held), keeping the fastest."""
     model = build_model(args.model, args.layers, d)
     max_T = max(args.tokens)
@@ -183,13 +184,14 @@ def cmd_tune(args, d, env):
     tuning = weave.Tuning()
     weaver, plain = weave.Weaver(model, comm, "on", tuning), weave.Weaver(model, comm, "off", tuning)
     measure = lambda w, b: stats(timed(lambda: w(b), args.iters, warmup=1))["median_ms"]
-    table, rows = [["tokens", "offset", "attn CTAs", "mlp CTAs", "weave ms", "fuse-only ms", "fuse CTAs"]], []
+    table, rows = [["tokens", "offset", "attn CTAs", "mlp CTAs", "carveout", "weave ms", "fuse-only ms", "fuse CTAs"]], []
     fuse_ctas = {}
     for T in args.tokens:
         batch = prefill_batch(T, 1, model.cfg.vocab, d.device)
         best = {"offset": 0, "attn_ctas": 4, "mlp_ctas": 4}
         tuning.table = {T: best}
-        for knob, values in (("offset", [-256, -128, 0, 128, 256]), ("attn_ctas", args.ctas), ("mlp_ctas", args.ctas)):
+        for knob, values in (("offset", [-256, -128, 0, 128, 256]), ("attn_ctas", args.ctas), ("mlp_ctas", args.ctas),
+                             ("carveout", [True, False])):
             times = {}
             for v in values:
                 tuning.table = {T: best | {knob: v}}
@@ -203,14 +205,14 @@ def cmd_tune(args, d, env):
             fuse[c] = measure(plain, batch)
         fuse_ctas[T] = min(fuse, key=fuse.get)
         rows.append({"tokens": T, **best, "weave_ms": weave_ms, "fuse_only_ms": fuse[fuse_ctas[T]], "fuse_ctas": fuse_ctas[T]})
-        table.append([T, best["offset"], best["attn_ctas"], best["mlp_ctas"], f"{weave_ms:.3f}",
+        table.append([T, best["offset"], best["attn_ctas"], best["mlp_ctas"], best["carveout"], f"{weave_ms:.3f}",
                       f"{fuse[fuse_ctas[T]]:.3f}", fuse_ctas[T]])
         say(d, f"  {T}: {best}, weave {weave_ms:.2f} ms vs fuse-only {fuse[fuse_ctas[T]]:.2f} ms")
     wins = [r["tokens"] for r in rows if r["weave_ms"] < r["fuse_only_ms"]]
     threshold = min((t for t in wins if all(u in wins for u in args.tokens if u >= t)), default=2 * max_T)
     small = min(args.tokens)
     out = {"threshold": threshold, "fuse_ctas": fuse_ctas[small], "model": args.model, "layers": model.cfg.n_layers,
-           "env": env, "table": {str(r["tokens"]): {k: r[k] for k in ("offset", "attn_ctas", "mlp_ctas")} for r in rows}}
+           "env": env, "table": {str(r["tokens"]): {k: r[k] for k in ("offset", "attn_ctas", "mlp_ctas", "carveout")} for r in rows}}
     path = weave.tuning_path(model.cfg, d.world)
     if d.rank == 0:
         os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -155,7 +155,7 @@ class Tuning:
     attn_ctas: int = 4               # comm CTAs while the other half runs attention
     mlp_ctas: int = 4                # ... while it runs the MLP
     carveout: bool = True            # overlapped GEMMs leave the comm's CTAs their SMs (see Streams)
-    table: dict = dataclasses.field(default_factory=dict)   # tokens -> {offset, attn_ctas, mlp_ctas}
+    table: dict = dataclasses.field(default_factory=dict)   # tokens -> {offset, attn_ctas, mlp_ctas, carveout}
 
     @classmethod
     def load(cls, path: str | None) -> "Tuning":
@@ -178,6 +178,10 @@ class Tuning:
             if 0 < S < T:
                 return S
         return wave_split(T, gemm_widths, n_sms)
+
+    def carves(self, T: int) -> bool:
+        """carveout is the master switch; the table may turn it off per token count."""
+        return self.carveout and self.entry(T).get("carveout", True)
 
     def ctas(self, T: int, kind: str) -> int:
         e = self.entry(T)
@@ -478,7 +482,7 @@ class Weaver:
                 self.streams.wait(done[i])            # x of this half is ready
                 # Split: A's comm overlaps B's stage k, B's comm overlaps A's stage k+1; so both
                 # halves' stage k run beside a comm with the CTA budget of kind k.
-                overlapped = len(halves) == 2 and (k or i) and self.tuning.carveout
+                overlapped = len(halves) == 2 and (k or i) and self.tuning.carves(batch.T)
                 with self.streams.carveout(self.tuning.ctas(batch.T, kinds[k]) if overlapped else 0):
                     stage(bufs[i][:half.T], half)     # x -> this rank's partial, in place
                 ctas = (self.tuning.fuse_ctas if len(halves) == 1 else
