@@ -229,6 +229,7 @@ def trace(weaver, batch, path: str, d):
     from torch.profiler import ProfilerActivity, profile
     weaver(batch)
     torch.cuda.synchronize()
+    dist.barrier()   # else the first comm point shows the ranks' skew as a long wait for peers
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         weaver(batch)
         torch.cuda.synchronize()
