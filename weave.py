@@ -456,7 +456,8 @@ class Weaver:
         self.streams = Streams(comm.d.device)
         self.n_sms = torch.cuda.get_device_properties(comm.d.device).multi_processor_count if self.streams.cuda else 132
         if self.streams.cuda:
-            # torch's SM carveout reaches cuBLASLt, not cuBLAS, GEMMs; both pick the same kernels.
+            # torch's SM carveout reaches cuBLASLt's GEMMs, not cuBLAS's: so every GEMM goes to cuBLASLt,
+            # in every mode alike (its kernel choices differ a little from cuBLAS's).
             torch.backends.cuda.preferred_blas_library("cublaslt")
 
     def split_point(self, T: int):
@@ -477,16 +478,16 @@ class Weaver:
         stages = self.model.stages()
         kinds = [kind if kind != "embed" else "attn" for kind, _, _ in stages] + ["attn"]
         done = [None] * len(halves)
+        budget = {kind: self.tuning.ctas(batch.T, kind) for kind in set(kinds)}   # comm CTAs by overlapped kind
+        carve = len(halves) == 2 and self.tuning.carves(batch.T)
         for k, (_, stage, norm) in enumerate(stages):
             for i, half in enumerate(halves):
                 self.streams.wait(done[i])            # x of this half is ready
                 # Split: A's comm overlaps B's stage k, B's comm overlaps A's stage k+1; so both
                 # halves' stage k run beside a comm with the CTA budget of kind k.
-                overlapped = len(halves) == 2 and (k or i) and self.tuning.carves(batch.T)
-                with self.streams.carveout(self.tuning.ctas(batch.T, kinds[k]) if overlapped else 0):
+                with self.streams.carveout(budget[kinds[k]] if carve and (k or i) else 0):
                     stage(bufs[i][:half.T], half)     # x -> this rank's partial, in place
-                ctas = (self.tuning.fuse_ctas if len(halves) == 1 else
-                        self.tuning.ctas(batch.T, kinds[k + i]))
+                ctas = self.tuning.fuse_ctas if len(halves) == 1 else budget[kinds[k + i]]
                 done[i] = self.streams.comm(
                     lambda i=i, ctas=ctas: self.comm(i, n[i], residuals[i], norm.weight, norm.eps, ctas))
         self.streams.join()
