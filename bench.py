@@ -3,6 +3,9 @@
     torchrun --nproc-per-node 4 bench.py kernel                      # fused kernel vs NCCL, by CTAs
     torchrun --nproc-per-node 4 bench.py model --model llama-3.3-70b --layers 8
     torchrun --nproc-per-node 4 bench.py tune  --model llama-3.3-70b --layers 4   # writes configs/
+    python bench.py decode --model llama-3.1-8b                      # ms per decode step vs the HBM floor
+    python bench.py serve --model llama-3.1-8b --workloads 1000x1024/128 --budgets 2048,8192
+    python bench.py serve --model ~/.cache/tokenweave/demo-llama-v2 --workloads 64x100/16   # CPU, tiny
 
 Every figure is the median of --iters timed runs after warm-up, with the spread (10th-90th
 percentile); a run's time is the slowest rank's. Modes run interleaved, round by round, so drift
@@ -10,9 +13,9 @@ hits them alike. Prints a Markdown table and, last, one line of JSON.
 """
 import argparse
 import dataclasses
-import importlib
 import json
 import os
+import random
 import subprocess
 import sys
 import time
@@ -20,9 +23,11 @@ import time
 import torch
 import torch.distributed as dist
 
+import comm
+import engine
+import models
 import weave
 
-PRESETS = {"llama-3.3-70b": "llama", "qwen2.5-72b": "qwen", "mixtral-8x22b": "mixtral"}   # preset -> model file
 MODES = {"nccl": ("nccl", "off", True),          # baseline: NCCL all-reduce + add/RMSNorm, no split
          "fuse-only": ("fused", "off", True),    # the fused kernel, no split
          "weave": ("fused", "on", True),         # split + overlap + fused kernel
@@ -50,16 +55,27 @@ def timed(fn, iters: int, warmup: int = 3) -> list:
     out = []
     for _ in range(iters):
         torch.cuda.synchronize()
-        dist.barrier()
+        barrier()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
         end.record()
         end.synchronize()
-        t = torch.tensor(start.elapsed_time(end), device="cuda")
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        out.append(t.item())
+        out.append(slowest_rank(start.elapsed_time(end)))
     return out
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def slowest_rank(x: float) -> float:
+    if not dist.is_initialized():
+        return x
+    t = torch.tensor(x, device="cuda" if torch.cuda.is_available() else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
 
 
 def stats(ms: list) -> dict:
@@ -75,42 +91,45 @@ def fmt(st: dict) -> str:
 # ----------------------------------------------------------------------------- models
 
 
-def build_model(preset: str, layers: int | None, d: weave.Dist):
-    mod = importlib.import_module(PRESETS[preset])
-    cfg = mod.Config.from_hf(mod.PRESETS[preset])
-    if layers:
-        cfg = dataclasses.replace(cfg, n_layers=layers)
-    return mod.build(mod.Transformer, cfg, d, torch.bfloat16).init_random_()
+def build_model(args, d: comm.Dist):
+    """A preset (random weights) or a checkpoint directory; bf16 on CUDA, fp32 on the CPU."""
+    dtype = torch.bfloat16 if d.device.type == "cuda" else torch.float32
+    return models.load(os.path.expanduser(args.model), d, dtype, layers=args.layers)
 
 
-def prefill_batch(T: int, n_seqs: int, vocab: int, device) -> weave.Batch:
+def load_tuning(args, model, d):
+    return weave.Tuning.load(args.tuning or weave.tuning_path(model.cfg, d.world), model.weave_threshold,
+                             required=bool(args.tuning))
+
+
+def prefill_batch(T: int, n_seqs: int, vocab: int, device, max_len: int) -> weave.Batch:
     """T tokens as n_seqs sequences of (nearly) equal length, each in its own cache slot."""
     lens = [T // n_seqs + (i < T % n_seqs) for i in range(n_seqs)]
     g = torch.Generator().manual_seed(T)
     return weave.Batch.make([(i, 0, n) for i, n in enumerate(lens)],
-                            torch.randint(0, vocab, (T,), generator=g).tolist(), device)
+                            torch.randint(0, vocab, (T,), generator=g).tolist(), device, max_len)
 
 
 def make_weavers(model, d, modes, max_tokens, tuning) -> dict:
     comms, out = {}, {}
     for m in modes:
-        comm, split, carveout = MODES[m]
-        if comm not in comms:
-            comms[comm] = weave.make_comm(comm, d, model.cfg.hidden, max_tokens, torch.bfloat16)
-        out[m] = weave.Weaver(model, comms[comm], split, dataclasses.replace(tuning, carveout=carveout))
+        backend, split, carveout = MODES[m]
+        if backend not in comms:
+            comms[backend] = comm.make_comm(backend, d, model.cfg.hidden, max_tokens, model.norm.weight.dtype)
+        out[m] = weave.Weaver(model, comms[backend], split, dataclasses.replace(tuning, carveout=carveout))
     return out
 
 
 def cmd_model(args, d, env):
-    model = build_model(args.model, args.layers, d)
-    tuning = weave.Tuning.load(args.tuning or weave.tuning_path(model.cfg, d.world))
+    model = build_model(args, d)
+    tuning = load_tuning(args, model, d)
     max_T = max(args.tokens)
     model.allocate_cache(max(args.seqs), max_T)
     weavers = make_weavers(model, d, args.modes, max_T, tuning)
     rows = []
     for T in args.tokens:
         for n_seqs in args.seqs:
-            batch = prefill_batch(T, n_seqs, model.cfg.vocab, d.device)
+            batch = prefill_batch(T, n_seqs, model.cfg.vocab, d.device, max_T)
             times = {m: [] for m in args.modes}
             for m in args.modes:                            # warm-up (and autotuning) of every mode
                 timed(lambda: weavers[m](batch), 1, warmup=2)
@@ -124,7 +143,7 @@ def cmd_model(args, d, env):
             say(d, f"  {T:>6} tokens x {n_seqs} seqs: " + ", ".join(f"{m} {row[m]['median_ms']:.2f}" for m in args.modes))
     if args.trace:
         trace(weavers["weave"] if "weave" in weavers else next(iter(weavers.values())),
-              prefill_batch(args.tokens[-1], 1, model.cfg.vocab, d.device), args.trace, d)
+              prefill_batch(args.tokens[-1], 1, model.cfg.vocab, d.device, max_T), args.trace, d)
     base = "nccl" if "nccl" in args.modes else args.modes[0]
     head = ["tokens", "seqs"] + [f"{m} ms" for m in args.modes] + [f"{m} speedup" for m in args.modes if m != base]
     if "none" in args.modes:
@@ -145,14 +164,14 @@ def cmd_model(args, d, env):
 def cmd_kernel(args, d, env):
     """The comm point alone: fused (p2p) by CTA count vs NCCL all-reduce (+ add + RMSNorm)."""
     H, max_T = args.hidden, max(args.tokens)
-    fused = weave.make_comm("fused", d, H, max_T, torch.bfloat16)
-    nccl = weave.make_comm("nccl", d, H, max_T, torch.bfloat16)
+    fused = comm.make_comm("fused", d, H, max_T, torch.bfloat16)
+    nccl = comm.make_comm("nccl", d, H, max_T, torch.bfloat16)
     w = torch.ones(H, dtype=torch.bfloat16, device=d.device)
     head = ["tokens", "MB", "NCCL AR", "NCCL AR + norm"] + [f"fused {c} CTAs" for c in args.ctas] + \
            ["best fused vs AR+norm", "best fused busbw GB/s"]
     table, rows = [head], []
     for T in args.tokens:
-        n = weave.padded(T, d.world)
+        n = comm.padded(T, d.world)
         res = {c: c.new_residual(n) for c in (fused, nccl)}
         for c in (fused, nccl):
             c.bufs[0, :n].normal_()
@@ -177,17 +196,17 @@ def cmd_tune(args, d, env):
     """Per token count: the split offset, the attention-time and MLP-time CTA budgets, then whether
     the overlapped GEMMs carve out the comm's SMs, by
     coordinate descent (each knob swept with the others held), keeping the fastest."""
-    model = build_model(args.model, args.layers, d)
+    model = build_model(args, d)
     max_T = max(args.tokens)
     model.allocate_cache(1, max_T)
-    comm = weave.make_comm("fused", d, model.cfg.hidden, max_T, torch.bfloat16)
+    fused = comm.make_comm("fused", d, model.cfg.hidden, max_T, torch.bfloat16)
     tuning = weave.Tuning()
-    weaver, plain = weave.Weaver(model, comm, "on", tuning), weave.Weaver(model, comm, "off", tuning)
+    weaver, plain = weave.Weaver(model, fused, "on", tuning), weave.Weaver(model, fused, "off", tuning)
     measure = lambda w, b: stats(timed(lambda: w(b), args.iters, warmup=1))["median_ms"]
     table, rows = [["tokens", "offset", "attn CTAs", "mlp CTAs", "carveout", "weave ms", "fuse-only ms", "fuse CTAs"]], []
     fuse_ctas = {}
     for T in args.tokens:
-        batch = prefill_batch(T, 1, model.cfg.vocab, d.device)
+        batch = prefill_batch(T, 1, model.cfg.vocab, d.device, max_T)
         best = {"offset": 0, "attn_ctas": 4, "mlp_ctas": 4}
         tuning.table = {T: best}
         for knob, values in (("offset", [-256, -128, 0, 128, 256]), ("attn_ctas", args.ctas), ("mlp_ctas", args.ctas),
@@ -219,6 +238,190 @@ def cmd_tune(args, d, env):
         with open(path, "w") as f:
             json.dump(out, f, indent=1)
     return f"tuned {args.model} at TP {d.world} ({model.cfg.n_layers} layers) -> {path}; threshold {threshold}", table, rows
+
+
+# ----------------------------------------------------------------------------- decode and serve
+
+
+def sync(d):
+    if d.device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def copy_bandwidth(d) -> float:
+    """GB/s of a large device-to-device copy, bytes read plus written (the HBM ceiling)."""
+    if d.device.type != "cuda":
+        return float("nan")
+    a = torch.empty(2 ** 30, dtype=torch.uint8, device=d.device)
+    b = torch.empty_like(a)
+    ms = stats(timed(lambda: b.copy_(a), 10))["median_ms"]
+    return 2 * a.numel() / ms / 1e6
+
+
+def step_bytes(model, B: int, ctx: int) -> int:
+    """What a decode step must read on this rank: every weight but the embedding table (B rows of
+    it), and the K/V of B sequences of ctx positions."""
+    w = sum(p.numel() * p.element_size() for p in model.parameters())
+    if model.head is not model.embed_tokens:
+        w -= model.embed_tokens.weight.numel() * model.embed_tokens.weight.element_size()
+    return w + model.cache_bytes(B, ctx)
+
+
+def cmd_decode(args, d, env):
+    """ms per decode step by batch size and context, graphs on and off, against the floor: this
+    rank's step bytes at the copy bandwidth measured in the same run. `host` is the time to enqueue a
+    step (until the call returns), `step` until its tokens are on the host."""
+    model = build_model(args, d)
+    tuning = load_tuning(args, model, d)
+    bw = copy_bandwidth(d)
+    modes = ["graphs", "eager"] if d.device.type == "cuda" else ["eager"]
+    head = ["batch", "context", "floor ms"] + [f"{m} {x}" for m in modes for x in ("ms", "tok/s", "% of floor", "host ms")]
+    table, rows = [head], []
+    g = torch.Generator(d.device).manual_seed(0)
+    for ctx in args.contexts:
+        for B in args.batches:
+            floor = step_bytes(model, B, ctx) / bw / 1e6
+            row, line = {"batch": B, "context": ctx, "floor_ms": floor}, [B, ctx, f"{floor:.2f}"]
+            backend = comm.make_comm(args.comm, d, model.cfg.hidden, B, model.norm.weight.dtype)
+            for mode in modes:
+                runner = engine.Runner(weave.Weaver(model, backend, "auto", tuning), B, ctx + 1, graphs=False)
+                for layer in model.layers:          # never time on zeros
+                    for c in (layer.attn.k_cache, layer.attn.v_cache):
+                        c.normal_(generator=g)
+                if mode == "graphs":
+                    runner.capture([B])
+                seqs = [(i, ctx - 1, 1) for i in range(B)]
+                tokens = torch.randint(0, model.cfg.vocab, (B,), generator=torch.Generator().manual_seed(B)).tolist()
+                host, step = [], []
+                for i in range(args.iters + 3):
+                    sync(d)
+                    barrier()
+                    t0 = time.perf_counter()
+                    nxt = runner.step(seqs, tokens)
+                    t1 = time.perf_counter()
+                    nxt.tolist()
+                    t2 = time.perf_counter()
+                    if i >= 3:
+                        host.append(slowest_rank((t1 - t0) * 1e3))
+                        step.append(slowest_rank((t2 - t0) * 1e3))
+                st, hs = stats(step), stats(host)
+                row[mode] = {**st, "host_ms": hs["median_ms"]}
+                line += [fmt(st), f"{B / st['median_ms'] * 1e3:.0f}", f"{100 * floor / st['median_ms']:.0f}%",
+                         f"{hs['median_ms']:.2f}"]
+                say(d, f"  batch {B} context {ctx} {mode}: {st['median_ms']:.2f} ms (floor {floor:.2f}), host {hs['median_ms']:.2f} ms")
+                del runner
+                model.allocate_cache(1, 1)          # the next runner's cache must not sit beside this one
+                if d.device.type == "cuda":
+                    torch.cuda.empty_cache()
+            rows.append(row)
+            table.append(line)
+    title = (f"{args.model} ({model.cfg.n_layers} layers), TP {d.world}, decode step in ms: median (p10-p90) of "
+             f"{args.iters}; floor = this rank's weights + KV at {bw:.0f} GB/s (copy bandwidth, this run)")
+    return title, table, rows
+
+
+def workload(spec: str, vocab: int, seed: int = 0):
+    """'NxIN/OUT': N random prompts of IN tokens, OUT new tokens each; IN may be 'mixed' (uniform in
+    [128, 2048])."""
+    try:
+        n, rest = spec.split("x", 1)
+        lens, out = rest.split("/")
+        rng = random.Random(seed)
+        sizes = [rng.randint(128, 2048) if lens == "mixed" else int(lens) for _ in range(int(n))]
+        return [[rng.randrange(vocab) for _ in range(k)] for k in sizes], int(out)
+    except ValueError:
+        raise ValueError(f"workload {spec!r}: expected NxIN/OUT, e.g. 1000x1024/128 or 1000xmixed/128") from None
+
+
+def step_flops(model, step) -> float:
+    """Matrix FLOPs of one engine step on this rank: the layers' GEMMs over its tokens, attention over
+    each chunk's context, the LM head over its sequences."""
+    cfg, a = model.cfg, model.layers[0].attn
+    T = sum(n for _, n in step)
+    per_token = sum(p.numel() for name, p in model.layers.named_parameters() if p.dim() >= 2 and "router" not in name)
+    if hasattr(model.layers[0].mlp, "w13"):   # MoE: a token runs top_k of the experts
+        moe = model.layers[0].mlp
+        per_token -= len(model.layers) * (moe.w13.numel() + moe.w2.numel()) * (1 - cfg.top_k / cfg.n_experts)
+    attn = sum(4 * n * (s.cached + (n + 1) / 2) * a.hd * a.nh for s, n in step) * len(model.layers)
+    return 2 * per_token * T + attn + 2 * model.head.weight.numel() * len(step)
+
+
+def cmd_serve(args, d, env):
+    """The paper's throughput setting: N prompts through the engine (chunked prefill, mixed steps),
+    per budget and mode, output and total tokens/s. Also the FLOP rate of its prefill-heavy steps
+    (half the budget or more in prompt chunks) against one 16K-token prefill, and the time of its
+    decode-only steps."""
+    model = build_model(args, d)
+    tuning = load_tuning(args, model, d)
+    dtype = model.norm.weight.dtype
+    modes = ["tp1"] if d.world == 1 else args.modes
+    ref_T = min(16384, model.cfg.max_positions)
+    ref_tflops = prefill_rate(model, d, tuning, ref_T)
+    say(d, f"  reference: {ref_T}-token prefill at {ref_tflops:.1f} TFLOP/s")
+    graphs = d.device.type == "cuda" and args.graphs
+    head = ["workload", "budget", "mode", "output tok/s", "total tok/s", "prefill-heavy TFLOP/s (% of ref)",
+            "decode-only steps: median ms (batch)", "steps"]
+    table, rows = [head], []
+    for spec in args.workloads:
+        prompts, out_len = workload(spec, model.cfg.vocab)
+        max_len = max(map(len, prompts)) + out_len
+        for budget in args.budgets:
+            for mode in modes:
+                backend, split, carveout = MODES.get(mode, ("auto", "auto", True))
+                c = comm.make_comm(backend, d, model.cfg.hidden, budget, dtype)
+                w = weave.Weaver(model, c, split, dataclasses.replace(tuning, carveout=carveout))
+                eng = engine.Engine(w, min(args.max_seqs, budget), budget, max_len, graphs)
+                if args.warmup:     # a tenth of the prompts: every step shape and graph once
+                    list(eng.generate(prompts[:max(len(prompts) // 10, 1)], out_len))
+                tput, total, heavy, decode = [], [], [], []
+                for _ in range(args.iters):
+                    steps = []
+                    sync(d)
+                    barrier()
+                    t0 = time.perf_counter()
+                    done = list(eng.generate(prompts, out_len, on_step=lambda step, s: steps.append(
+                        (step_flops(model, step), sum(n for q, n in step if q.cached < len(q.prompt)), len(step), s))))
+                    wall = slowest_rank(time.perf_counter() - t0)
+                    n_out, n_in = sum(len(s.out) for s in done), sum(len(s.prompt) for s in done)
+                    tput.append(n_out / wall)
+                    total.append((n_in + n_out) / wall)
+                    heavy += [(f, s) for f, pre, _, s in steps if pre >= budget / 2]
+                    decode += [(s * 1e3, b) for _, pre, b, s in steps if pre == 0]
+                st = {"output": stats(tput), "total": stats(total)}
+                h = sum(f for f, _ in heavy) / max(sum(s for _, s in heavy), 1e-9) / 1e12
+                dec = sorted(decode)[len(decode) // 2] if decode else (float("nan"), 0)
+                rows.append({"workload": spec, "budget": budget, "mode": mode, **st, "heavy_tflops": h,
+                             "ref_tflops": ref_tflops, "decode_ms": dec[0], "decode_batch": dec[1], "steps": len(steps)})
+                table.append([spec, budget, mode, fmt_rate(st["output"]), fmt_rate(st["total"]),
+                              f"{h:.1f} ({100 * h / ref_tflops:.0f}%)", f"{dec[0]:.2f} ({dec[1]})", len(steps)])
+                say(d, f"  {spec} budget {budget} {mode}: {st['output']['median_ms']:.1f} output tok/s")
+                del eng, w, c
+    title = (f"{args.model} ({model.cfg.n_layers} layers), TP {d.world}, serving throughput: median (p10-p90) of "
+             f"{args.iters} runs; reference prefill {ref_T} tokens at {ref_tflops:.1f} TFLOP/s")
+    return title, table, rows
+
+
+def prefill_rate(model, d, tuning, T: int) -> float:
+    """TFLOP/s of one T-token prefill, unsplit (the reference for the serve run's prompt chunks)."""
+    model.allocate_cache(1, T)
+    weaver = weave.Weaver(model, comm.make_comm("auto", d, model.cfg.hidden, T, model.norm.weight.dtype), "off", tuning)
+    batch = prefill_batch(T, 1, model.cfg.vocab, d.device, T)
+    ms = stats(timed(lambda: weaver(batch), 3, warmup=1) if d.device.type == "cuda" else
+               cpu_timed(lambda: weaver(batch), 2))["median_ms"]
+    return step_flops(model, [(engine.Sequence(0, [], 0), T)]) / ms / 1e9
+
+
+def cpu_timed(fn, iters):
+    out = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - t0) * 1e3)
+    return out
+
+
+def fmt_rate(st: dict) -> str:
+    return f"{st['median_ms']:.1f} ({st['p10_ms']:.1f}-{st['p90_ms']:.1f})"
 
 
 # ----------------------------------------------------------------------------- output
@@ -285,36 +488,54 @@ def say(d, *a):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["model", "kernel", "tune"], help="model: end-to-end prefill latency by mode; "
-                   "kernel: the comm point alone; tune: sweep split offset and CTA budgets, write configs/")
+    p.add_argument("what", choices=["model", "kernel", "tune", "decode", "serve"], help="model: end-to-end "
+                   "prefill latency by mode; kernel: the comm point alone; tune: sweep split offset and CTA "
+                   "budgets, write configs/; decode: ms per decode step vs the memory floor; serve: throughput "
+                   "of many prompts through the engine")
     ints = lambda s: [int(x) for x in s.split(",")]
-    p.add_argument("--model", default="llama-3.3-70b", choices=list(PRESETS), help="full-size model shape (random weights)")
+    p.add_argument("--model", default="llama-3.3-70b", help=f"a full-size shape with random weights "
+                   f"({', '.join(models.PRESETS)}) or a checkpoint directory (default llama-3.3-70b)")
     p.add_argument("--layers", type=int, help="run only this many layers (quick sweeps); default: all")
     p.add_argument("--tokens", type=ints, default=[1024, 2048, 4096, 8192, 16384], help="prefill token counts, comma-separated")
     p.add_argument("--seqs", type=ints, default=[1], help="model: split each step into this many sequences (comma-separated list)")
     p.add_argument("--modes", type=lambda s: s.split(","), default=["nccl", "fuse-only", "weave", "none"],
-                   help=f"model: modes to compare, comma-separated, from {', '.join(MODES)}")
+                   help=f"model, serve: modes to compare, comma-separated, from {', '.join(MODES)} (serve at TP 1: one mode)")
     p.add_argument("--ctas", type=ints, default=None, help="kernel: CTA counts (default 2,4,8,16,32); tune: budgets (default 2,4,8,16)")
     p.add_argument("--hidden", type=int, default=8192, help="kernel: hidden size (default 8192)")
+    p.add_argument("--batches", type=ints, default=[1, 8, 32, 128], help="decode: batch sizes (default 1,8,32,128)")
+    p.add_argument("--contexts", type=ints, default=[1024, 8192], help="decode: context lengths (default 1024,8192)")
+    p.add_argument("--comm", default="auto", help="decode: comm backend (default auto)")
+    p.add_argument("--workloads", type=lambda s: s.split(","), default=["1000x1024/128", "1000xmixed/128"],
+                   help="serve: NxIN/OUT prompt sets, comma-separated; IN may be 'mixed' (128-2048)")
+    p.add_argument("--budgets", type=ints, default=[2048, 8192], help="serve: step token budgets (default 2048,8192)")
+    p.add_argument("--max-seqs", type=int, default=256, help="serve: running sequences at most (default 256)")
+    p.add_argument("--graphs", type=int, default=1, help="serve: 1 = decode steps from CUDA graphs (default), 0 = eager")
+    p.add_argument("--warmup", type=int, default=1, help="serve: first run a tenth of each workload untimed (default 1)")
     p.add_argument("--iters", type=int, default=10, help="timed iterations per figure (default 10)")
     p.add_argument("--repeat", type=int, default=10, help="kernel: calls per timed iteration (default 10)")
-    p.add_argument("--tuning", help="model: tuning table to use (default: configs/ for this GPU, model and TP)")
+    p.add_argument("--tuning", help="tuning table to use (default: configs/ for this GPU, model and TP)")
     p.add_argument("--trace", help="model: write a Chrome trace of one weave step here, and a PNG timeline beside it")
     p.add_argument("--plot", help="model: write a PNG of latency vs tokens, one line per mode")
     p.add_argument("--out", help="also write the JSON document to this file")
     args = p.parse_args()
     if args.ctas is None:
         args.ctas = [2, 4, 8, 16, 32] if args.what == "kernel" else [2, 4, 8, 16]
-    if not torch.cuda.is_available():
-        sys.exit("error: bench.py needs CUDA GPUs (run it under torchrun, one process per GPU)")
-    d = weave.init_distributed("cuda")
-    if d.world < 2:
-        sys.exit("error: bench.py needs at least 2 ranks: torchrun --nproc-per-node N bench.py ...")
-    env = environment()
-    say(d, f"# {env['gpu']} x{env['world']}, driver {env['driver']}, torch {env['torch']}, CUDA {env['cuda']}, "
-           f"NCCL {env['nccl']}, commit {env['commit']}")
-    t0 = time.time()
-    title, table, rows = {"model": cmd_model, "kernel": cmd_kernel, "tune": cmd_tune}[args.what](args, d, env)
+    multi = args.what in ("model", "kernel", "tune")
+    if multi and not torch.cuda.is_available():
+        sys.exit(f"error: bench.py {args.what} needs CUDA GPUs (run it under torchrun, one process per GPU)")
+    try:
+        d = comm.init_distributed("auto")
+        if multi and d.world < 2:
+            raise ValueError(f"bench.py {args.what} needs at least 2 ranks: torchrun --nproc-per-node N bench.py ...")
+        env = environment()
+        say(d, f"# {env['gpu']} x{env['world']}, driver {env['driver']}, torch {env['torch']}, CUDA {env['cuda']}, "
+               f"NCCL {env['nccl']}, commit {env['commit']}")
+        t0 = time.time()
+        cmds = {"model": cmd_model, "kernel": cmd_kernel, "tune": cmd_tune, "decode": cmd_decode, "serve": cmd_serve}
+        with torch.no_grad():
+            title, table, rows = cmds[args.what](args, d, env)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        sys.exit(f"error: {e}")
     if d.rank == 0:
         print(f"\n{title}\n")
         print("| " + " | ".join(map(str, table[0])) + " |\n|" + "---|" * len(table[0]))
@@ -328,7 +549,8 @@ def main():
             with open(args.out, "w") as f:
                 f.write(doc + "\n")
         print(doc)
-    dist.destroy_process_group()
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ SOURCE = Path(__file__).resolve().with_name("multimem_ops.cu")
 # other arch, and TORCH_CUDA_ARCH_LIST is pinned too for torch versions that still look at it.
 CUDA_FLAGS = ["-O3", "-gencode=arch=compute_90a,code=sm_90a", "-lineinfo"]
 ARCH_LIST = "9.0a"
-MAX_CTAS = 64   # multimem_ops.cu: the rows of the flag array
 
 _module = None
 
@@ -125,34 +124,35 @@ def load(verbose: bool = False):
                 module, error = _try(lambda: _build_here(directory, verbose))
     if error:
         raise BuildError(error)
+    limits = module.limits()
     _module = types.SimpleNamespace(
-        fused_add_rmsnorm=_checked(module.fused_add_rmsnorm, _check_add_rmsnorm),
-        fused_allreduce_add_rmsnorm=_checked(module.fused_allreduce_add_rmsnorm, _check_allreduce),
-        max_ctas=module.max_ctas, so=module.__file__)
+        fused_add_rmsnorm=_checked(module.fused_add_rmsnorm, _check_add_rmsnorm, limits),
+        fused_allreduce_add_rmsnorm=_checked(module.fused_allreduce_add_rmsnorm, _check_allreduce, limits),
+        limits=limits, so=module.__file__)
     return _module
 
 
-# Bad arguments are rejected here, in Python, before the extension is called: on the lent H200
-# machines the extension's own error path (a C++ exception, or an error string built in C++)
-# crashed the process (SIGSEGV) instead of reporting. Its checks remain as a last guard.
-# A caller that builds its arguments itself once (weave.FusedComm, per comm point) can skip the
-# Python checks, a few microseconds a call, with op.unchecked.
-def _checked(op, check):
+# Every argument is validated here, in Python, once: the extension only unpacks and launches (on the
+# lent H200 machines its own C++ error paths crashed the process instead of reporting). The limits
+# come from the extension itself (multimem_ops.cu's constants). A caller that builds its arguments
+# itself once (comm.FusedComm, per comm point) can skip the checks, a few microseconds a call, with
+# op.unchecked.
+def _checked(op, check, limits):
     def unchecked(*args):
         if error := op(*args):
             raise RuntimeError(error)
 
     def call(*args):
-        check(*args)
+        check(limits, *args)
         unchecked(*args)
     call.__doc__, call.unchecked = op.__doc__, unchecked
     return call
 
 
-def _check_tensors(op: str, like, **tensors):
-    H = like.shape[-1]
-    if H % 8 or not 0 < H <= 32768:
-        raise RuntimeError(f"{op}: hidden size must be a multiple of 8 (16-byte vectors) in [8, 32768], got {H}")
+def _check_tensors(op: str, limits, like, **tensors):
+    H, most = like.shape[-1], limits["max_hidden"]
+    if H % 8 or not 0 < H <= most:
+        raise RuntimeError(f"{op}: hidden size must be a multiple of 8 (16-byte vectors) in [8, {most}], got {H}")
     for name, t in tensors.items():
         if not t.is_cuda or t.dtype != torch.bfloat16 or not t.is_contiguous() or t.device != like.device:
             raise RuntimeError(f"{op}: {name} must be a contiguous bfloat16 CUDA tensor on {like.device}, "
@@ -162,29 +162,32 @@ def _check_tensors(op: str, like, **tensors):
                                f"a view at an odd row or column offset is not")
 
 
-def _check_add_rmsnorm(x, residual, weight, eps):
-    _check_tensors("fused_add_rmsnorm", x, x=x, residual=residual, weight=weight)
+def _check_add_rmsnorm(limits, x, residual, weight, eps):
+    _check_tensors("fused_add_rmsnorm", limits, x, x=x, residual=residual, weight=weight)
     if residual.shape != x.shape or weight.shape != x.shape[-1:]:
         raise RuntimeError(f"fused_add_rmsnorm: residual must have x's shape {tuple(x.shape)} and weight "
                            f"[{x.shape[-1]}], got {tuple(residual.shape)} and {tuple(weight.shape)}")
 
 
-def _check_allreduce(buf, peer_bufs, multicast_ptr, peer_flags, rank, residual, weight, eps, n_ctas, timeout_s):
-    op = "fused_allreduce_add_rmsnorm"
-    _check_tensors(op, buf, buf=buf, residual=residual, weight=weight)
+def _check_allreduce(limits, buf, peer_bufs, multicast_ptr, peer_flags, rank, residual, weight, eps, n_ctas,
+                     timeout_s):
+    op, peers, most = "fused_allreduce_add_rmsnorm", limits["max_peers"], limits["max_ctas"]
+    _check_tensors(op, limits, buf, buf=buf, residual=residual, weight=weight)
+    if buf.dim() != 2:
+        raise RuntimeError(f"{op}: buf must be [rows, hidden], got {tuple(buf.shape)}")
     n, (Tp, H) = len(peer_bufs), buf.shape
-    if not 2 <= n <= 8 or len(peer_flags) != n or not 0 <= rank < n or peer_bufs[rank] != buf.data_ptr():
-        raise RuntimeError(f"{op}: need 2 to 8 ranks with one buffer and one flag address each, and "
+    if not 2 <= n <= peers or len(peer_flags) != n or not 0 <= rank < n or peer_bufs[rank] != buf.data_ptr():
+        raise RuntimeError(f"{op}: need 2 to {peers} ranks with one buffer and one flag address each, and "
                            f"peer_bufs[rank] == buf.data_ptr() (got {n} buffers, {len(peer_flags)} flags, rank {rank})")
-    if any(p % 16 for p in peer_bufs) or multicast_ptr % 16:
-        raise RuntimeError(f"{op}: peer and multicast addresses must be 16-byte aligned")
+    if any(p % 16 or not p for p in peer_bufs) or multicast_ptr % 16 or any(f % 4 or not f for f in peer_flags):
+        raise RuntimeError(f"{op}: peer and multicast addresses must be 16-byte aligned, flags 4-byte aligned")
     if Tp % n:
         raise RuntimeError(f"{op}: the row count {Tp} must be a multiple of the world size {n} (pad the tokens)")
     if residual.shape != (Tp // n, H) or weight.shape != (H,):
         raise RuntimeError(f"{op}: residual must be this rank's slice [{Tp // n}, {H}] and weight [{H}], "
                            f"got {tuple(residual.shape)} and {tuple(weight.shape)}")
-    if not 1 <= n_ctas <= MAX_CTAS or timeout_s <= 0:
-        raise RuntimeError(f"{op}: n_ctas must be in [1, {MAX_CTAS}] (got {n_ctas}) and timeout_s positive")
+    if not 1 <= n_ctas <= most or timeout_s <= 0:
+        raise RuntimeError(f"{op}: n_ctas must be in [1, {most}] (got {n_ctas}) and timeout_s positive")
 
 def _cuda_tool(name: str) -> str:
     from torch.utils.cpp_extension import CUDA_HOME

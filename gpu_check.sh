@@ -1,26 +1,33 @@
 #!/usr/bin/env bash
 # One device call: environment, extension build + SASS check, GPU tests, benchmarks. Logs go to
-# $OUT (or ./results). Usage: bash gpu_check.sh [build] [test] [kernel] [model] [tune] ...
-#   model/tune take MODEL, LAYERS, TOKENS, SEQS (and model MODES) from the environment.
+# $OUT (or ./results). Usage: bash gpu_check.sh [env] [build] [test] [test1] [kernel] [model] [tune] [decode] [serve] ...
+#   test: every GPU test (multi-GPU ones need 2+ GPUs); test1: the tests one GPU can run.
+#   model/tune take MODEL, LAYERS, TOKENS, SEQS (and model MODES) from the environment; decode and
+#   serve take MODEL (default llama-3.1-8b there), and serve WORKLOADS, BUDGETS, ITERS.
 set -uo pipefail
 OUT=${OUT:-results}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 NPROC=$(python3 -c "import torch; print(torch.cuda.device_count())")
-MODEL=${MODEL:-llama-3.3-70b}; LAYERS=${LAYERS:-8}; TOKENS=${TOKENS:-1024,2048,4096,8192,16384}; SEQS=${SEQS:-1}
+LAYERS=${LAYERS:-8}; TOKENS=${TOKENS:-1024,2048,4096,8192,16384}; SEQS=${SEQS:-1}
 run() { echo "== $*"; "$@"; }
+launch() { if [ "$NPROC" -gt 1 ]; then torchrun --standalone --nproc-per-node "$NPROC" "$@"; else python3 "$@"; fi; }
 for step in "$@"; do
   case $step in
     env)    run nvidia-smi topo -m; run python3 -c "import torch, os; print(torch.__version__, torch.version.cuda, torch.cuda.nccl.version(), torch.cuda.device_count(), {k: v for k, v in os.environ.items() if 'NVLS' in k or 'MULTICAST' in k})" ;;
     build)  run python3 build_ext.py --sass 2>&1 | tee "$OUT/build.log" ;;
-    test)   run python3 -m pytest -q -rs -n 4 test_weave.py -k cuda 2>&1 | tee "$OUT/test.log"
-            run python3 -m pytest -q -rs test_kernel.py 2>&1 | tee -a "$OUT/test.log" ;;
+    test)   run python3 -m pytest -q -rs -p no:cacheprovider -n 4 test_weave.py test_engine.py -k cuda 2>&1 | tee "$OUT/test.log"
+            run python3 -m pytest -q -rs -p no:cacheprovider test_kernel.py 2>&1 | tee -a "$OUT/test.log" ;;
+    test1)  run python3 -m pytest -q -rs -p no:cacheprovider test_engine.py test_kernel.py -k "cuda or fused_add_rmsnorm" 2>&1 | tee "$OUT/test1.log" ;;
     alltest) run python3 -m pytest -q -rs 2>&1 | tee "$OUT/test.log" ;;
-    kernel) run torchrun --standalone --nproc-per-node "$NPROC" bench.py kernel --out "$OUT/kernel.json" 2>&1 | grep -v "^W1" | tee "$OUT/kernel.log" ;;
-    model)  run torchrun --standalone --nproc-per-node "$NPROC" bench.py model --model "$MODEL" --layers "$LAYERS" --tokens "$TOKENS" \
-              --seqs "$SEQS" --modes "${MODES:-nccl,weave-nccl,fuse-only,weave,none}" --plot "$OUT/$MODEL-tp$NPROC.png" \
-              --trace "$OUT/trace-$MODEL.json" --out "$OUT/model-$MODEL-tp$NPROC.json" 2>&1 | grep -v "^W1" | tee "$OUT/model-$MODEL.log" ;;
-    tune)   run torchrun --standalone --nproc-per-node "$NPROC" bench.py tune --model "$MODEL" --layers "$LAYERS" --tokens "$TOKENS" \
-              --out "$OUT/tune-$MODEL.json" 2>&1 | grep -v "^W1" | tee "$OUT/tune-$MODEL.log"; cp configs/*.json "$OUT/" 2>/dev/null ;;
+    kernel) run launch bench.py kernel --out "$OUT/kernel.json" 2>&1 | grep --line-buffered -v "^W1" | tee "$OUT/kernel.log" ;;
+    model)  run launch bench.py model --model "${MODEL:-llama-3.3-70b}" --layers "$LAYERS" --tokens "$TOKENS" \
+              --seqs "$SEQS" --modes "${MODES:-nccl,weave-nccl,fuse-only,weave,none}" --plot "$OUT/model-tp$NPROC.png" \
+              --trace "$OUT/trace.json" --out "$OUT/model-tp$NPROC.json" 2>&1 | grep --line-buffered -v "^W1" | tee "$OUT/model.log" ;;
+    tune)   run launch bench.py tune --model "${MODEL:-llama-3.3-70b}" --layers "$LAYERS" --tokens "$TOKENS" \
+              --out "$OUT/tune.json" 2>&1 | grep --line-buffered -v "^W1" | tee "$OUT/tune.log"; cp configs/*.json "$OUT/" 2>/dev/null ;;
+    decode) run launch bench.py decode --model "${MODEL:-llama-3.1-8b}" --iters "${ITERS:-20}" --out "$OUT/decode-tp$NPROC.json" 2>&1 | grep --line-buffered -v "^W1" | tee "$OUT/decode.log" ;;
+    serve)  run launch bench.py serve --model "${MODEL:-llama-3.1-8b}" --workloads "${WORKLOADS:-1000x1024/128,1000xmixed/128}" \
+              --budgets "${BUDGETS:-2048,8192}" --iters "${ITERS:-3}" --out "$OUT/serve-tp$NPROC.json" 2>&1 | grep --line-buffered -v "^W1" | tee "$OUT/serve.log" ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
 done

@@ -9,13 +9,15 @@ import json
 import math
 import os
 import time
+import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.bias import causal_lower_right
 
-from weave import Batch, Dist
+from comm import Dist
+from weave import Batch
 
 # ----------------------------------------------------------------------------- config
 
@@ -62,12 +64,20 @@ class Config:
             dtype=str(c.get("dtype") or c.get("torch_dtype") or "bfloat16"))
 
 
-# The real Llama-3.3-70B-Instruct config.json values, so benchmarks build the full shape.
+# The real Llama-3.3-70B-Instruct and Llama-3.1-8B-Instruct config.json values, so benchmarks build full shapes.
 PRESETS = {"llama-3.3-70b": dict(
     model_type="llama", hidden_size=8192, num_hidden_layers=80, num_attention_heads=64,
     num_key_value_heads=8, head_dim=128, intermediate_size=28672, vocab_size=128256, rms_norm_eps=1e-5,
     rope_theta=500000.0, rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
                                            high_freq_factor=4.0, original_max_position_embeddings=8192),
+    tie_word_embeddings=False, max_position_embeddings=131072, eos_token_id=[128001, 128008, 128009],
+    torch_dtype="bfloat16"),
+    # Llama-3.1-8B: the one-GPU shape of the decode and serve benchmarks.
+    "llama-3.1-8b": dict(
+    model_type="llama", hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+    head_dim=128, intermediate_size=14336, vocab_size=128256, rms_norm_eps=1e-5, rope_theta=500000.0,
+    rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                      original_max_position_embeddings=8192),
     tie_word_embeddings=False, max_position_embeddings=131072, eos_token_id=[128001, 128008, 128009],
     torch_dtype="bfloat16")}
 
@@ -97,7 +107,7 @@ class ColumnParallel(nn.Module):
     def loader(self, i: int, param: str = "weight"):
         """Loads checkpoint part i: this rank's rows of it."""
         lo, n = sum(self.parts[:i]), self.parts[i]
-        return lambda sl: copy_checked(getattr(self, param)[lo:lo + n], sl[self.d.rank * n:(self.d.rank + 1) * n])
+        return Shard(getattr(self, param)[lo:lo + n], rows=slice(self.d.rank * n, (self.d.rank + 1) * n))
 
 
 class RowParallel(nn.Module):
@@ -114,7 +124,7 @@ class RowParallel(nn.Module):
 
     def loader(self):
         r, n = self.d.rank, self.n
-        return lambda sl: copy_checked(self.weight, sl[:, r * n:(r + 1) * n])
+        return Shard(self.weight, cols=slice(r * n, (r + 1) * n))
 
 
 class VocabParallel(nn.Module):
@@ -134,7 +144,7 @@ class VocabParallel(nn.Module):
 
     def loader(self):
         hi = min(self.start + self.n, self.vocab)
-        return lambda sl: copy_checked(self.weight[:max(hi - self.start, 0)], sl[self.start:hi])
+        return Shard(self.weight[:max(hi - self.start, 0)], rows=slice(self.start, hi))
 
 
 class RMSNorm(nn.Module):
@@ -146,13 +156,24 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden), requires_grad=False)
 
     def loader(self):
-        return lambda sl: copy_checked(self.weight, sl[:])
+        return Shard(self.weight)
 
 
-def copy_checked(param, loaded):
-    if param.shape != loaded.shape:
-        raise ValueError(f"expected shape {tuple(param.shape)}, the checkpoint has {tuple(loaded.shape)}")
-    param.copy_(loaded)
+@dataclasses.dataclass
+class Shard:
+    """Where one checkpoint tensor goes: rows x cols of it (this rank's slice) into dest. At TP 1
+    dest has the tensor's full shape, which is how models.make_demo learns the checkpoint layout."""
+    dest: torch.Tensor
+    rows: slice | None = None     # None: all
+    cols: slice | None = None
+
+    def __call__(self, sl):
+        """sl: the tensor in the file (safetensors' lazy slice: only this rank's part is read)."""
+        rows = self.rows or slice(None)
+        part = sl[rows] if self.cols is None else sl[rows, self.cols]
+        if self.dest.shape != part.shape:
+            raise ValueError(f"expected shape {tuple(self.dest.shape)}, the checkpoint has {tuple(part.shape)}")
+        self.dest.copy_(part)
 
 
 # ----------------------------------------------------------------------------- rope
@@ -174,8 +195,16 @@ def rope_inv_freq(cfg: Config) -> torch.Tensor:
     return (1 - smooth) * inv / s["factor"] + smooth * inv
 
 
+def rope_table(cfg: Config, max_len: int, dtype, device) -> torch.Tensor:
+    """(max_len, 2, hd): cos and sin of every position's angles, computed in fp32 and cast to the
+    model's dtype as transformers does; a step gathers its rows once per layer by position."""
+    angles = torch.arange(max_len, device=device, dtype=torch.float)[:, None] * rope_inv_freq(cfg).to(device)
+    angles = torch.cat((angles, angles), dim=-1)                              # (max_len, hd)
+    return torch.stack((angles.cos(), angles.sin()), dim=1).to(dtype)
+
+
 def apply_rope(x, cos, sin):
-    """x (T, heads, hd) in HF's rotate-half layout: pairs are (i, i + hd/2)."""
+    """x (T, heads, hd) in HF's rotate-half layout: pairs are (i, i + hd/2); cos, sin (T, 1, hd)."""
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
@@ -184,7 +213,10 @@ def apply_rope(x, cos, sin):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: Config, d: Dist):
+    """GQA attention over a flat KV cache: (slots x max_len, nkv, hd), a token of slot s at position p
+    in row s * max_len + p (Batch.kv_rows). A step writes its K/V there first, then attends."""
+
+    def __init__(self, cfg: Config, d: Dist, cudnn_split: bool):
         super().__init__()
         if cfg.n_kv_heads % d.world:
             raise ValueError(f"tensor parallel size {d.world} must divide the {cfg.n_kv_heads} KV heads; "
@@ -193,51 +225,79 @@ class Attention(nn.Module):
         q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
         self.qkv = ColumnParallel(d, cfg.hidden, [q, kv, kv], bias=cfg.qkv_bias, what="attention heads")
         self.o = RowParallel(d, q, cfg.hidden, what="attention heads")
-        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
-        self.k_cache = self.v_cache = None
+        self.cudnn_split = cudnn_split
+        self.k_cache = self.v_cache = self.rope = None
+        self.max_len = 0
 
-    def allocate_cache(self, n_slots: int, max_len: int):
-        shape = (n_slots, max_len, self.nkv, self.hd)   # (slots, positions, nkv, hd)
-        self.k_cache = torch.zeros(shape, dtype=self.o.weight.dtype, device=self.o.weight.device)
+    def allocate_cache(self, n_slots: int, max_len: int, rope: torch.Tensor):
+        self.k_cache = torch.zeros(n_slots * max_len, self.nkv, self.hd, dtype=self.o.weight.dtype,
+                                   device=self.o.weight.device)                # (slots * max_len, nkv, hd)
         self.v_cache = torch.zeros_like(self.k_cache)
+        self.rope, self.max_len = rope, max_len                                # rope shared by all layers
 
     def forward(self, h, batch: Batch):
         """h (T, H): x in, this rank's partial of o_proj out."""
-        T = h.shape[0]
-        q, k, v = self.qkv(h).split([self.nh * self.hd, self.nkv * self.hd, self.nkv * self.hd], dim=-1)
-        angles = batch.positions[:, None].float() * self.inv_freq            # (T, hd/2)
-        angles = torch.cat((angles, angles), dim=-1)[:, None]                 # (T, 1, hd)
-        cos, sin = angles.cos().to(h.dtype), angles.sin().to(h.dtype)
-        q = apply_rope(q.view(T, self.nh, self.hd), cos, sin)                 # (T, nh, hd)
-        k = apply_rope(k.view(T, self.nkv, self.hd), cos, sin)                # (T, nkv, hd)
-        self.k_cache[batch.slots, batch.positions] = k
-        self.v_cache[batch.slots, batch.positions] = v.view(T, self.nkv, self.hd)
-        o = self.attend(q, batch)                                             # (T, nh, hd)
-        self.o(o.view(T, self.nh * self.hd), out=h)
+        T, nh, nkv, hd = h.shape[0], self.nh, self.nkv, self.hd
+        qkv = self.qkv(h)                                                     # (T, (nh + 2 nkv) hd)
+        cos, sin = self.rope[batch.positions].unsqueeze(2).unbind(1)          # (T, 1, hd) each
+        qk = apply_rope(qkv[:, :(nh + nkv) * hd].view(T, nh + nkv, hd), cos, sin)   # (T, nh + nkv, hd)
+        q, k, v = qk[:, :nh], qk[:, nh:], qkv[:, (nh + nkv) * hd:].view(T, nkv, hd)
+        self.k_cache[batch.kv_rows] = k
+        self.v_cache[batch.kv_rows] = v
+        o = self.attend(q, k, v, batch)                                       # (T, nh, hd)
+        self.o(o.view(T, nh * hd), out=h)
 
-    def attend(self, q, batch: Batch):
-        if batch.is_decode:   # one query per sequence: all sequences in one call, padded to the longest
-            slots = batch.slots
-            L = max(start + 1 for _, start, _ in batch.seqs)
-            K = self.k_cache[slots, :L].transpose(1, 2)                        # (B, nkv, L, hd)
-            V = self.v_cache[slots, :L].transpose(1, 2)
-            mask = torch.arange(L, device=q.device)[None] <= batch.positions[:, None]   # (B, L)
-            o = F.scaled_dot_product_attention(q[:, :, None], K, V, attn_mask=mask[:, None, None],
-                                               enable_gqa=True)               # (B, nh, 1, hd)
-            return o[:, :, 0]
-        o, off = torch.empty_like(q), 0
-        for slot, start, n in batch.seqs:   # prefill: each sequence against its whole cached prefix
-            L = start + n
+    def attend(self, q, k, v, batch: Batch):
+        """q (T, nh, hd); k, v (T, nkv, hd) this step's keys and values (already in the cache)."""
+        single = batch.n_single
+        if single == batch.T:
+            return self.attend_single(q, batch)
+        o = torch.empty_like(q)
+        if single:
+            o[:single] = self.attend_single(q[:single], batch)
+        off = single
+        for slot, start, n in batch.seqs[single:]:    # prompt chunks: each against its cached prefix
             qs = q[off:off + n].transpose(0, 1)[None]                         # (1, nh, n, hd)
-            K = self.k_cache[slot, :L].transpose(0, 1)[None]                  # (1, nkv, L, hd)
-            V = self.v_cache[slot, :L].transpose(0, 1)[None]
-            if start:   # a chunk after a cached prefix (the second part of a straddling sequence)
-                out = attend_after_prefix(qs, K, V, start)
-            else:
+            if start == 0:   # a prompt's first chunk: its keys are all in this step
+                K, V = (t[off:off + n].transpose(0, 1)[None] for t in (k, v))   # (1, nkv, n, hd)
                 out = F.scaled_dot_product_attention(qs, K, V, is_causal=True, enable_gqa=True)
+            else:
+                rows = slice(slot * self.max_len, slot * self.max_len + start + n)
+                K, V = (c[rows].transpose(0, 1)[None] for c in (self.k_cache, self.v_cache))   # (1, nkv, L, hd)
+                out = self.attend_after_prefix(qs, K, V, start)
             o[off:off + n] = out[0].transpose(0, 1)
             off += n
         return o
+
+    def attend_single(self, q, batch: Batch):
+        """One query per sequence (decode), all sequences in one call that reads the cache in place:
+        FlashAttention's variable-length kernel with per-sequence key ranges [kv_starts, + ctx_lens).
+        Elsewhere (CPU), the same through SDPA over the gathered rows."""
+        B = q.shape[0]
+        if q.is_cuda:
+            cum_q = torch.arange(B + 1, dtype=torch.int32, device=q.device)   # one query each
+            return torch.ops.aten._flash_attention_forward(
+                q, self.k_cache, self.v_cache, cum_q, batch.kv_starts, 1, self.max_len, 0.0, False, False,
+                seqused_k=batch.ctx_lens)[0]                                   # (B, nh, hd)
+        L = max(start + 1 for _, start, _ in batch.seqs[:B])
+        rows = batch.kv_starts[:B, None] + torch.arange(L, device=q.device)    # (B, L)
+        K, V = (c[rows].transpose(1, 2) for c in (self.k_cache, self.v_cache))   # (B, nkv, L, hd)
+        mask = torch.arange(L, device=q.device) < batch.ctx_lens[:, None]      # (B, L)
+        o = F.scaled_dot_product_attention(q[:, :, None], K, V, attn_mask=mask[:, None, None], enable_gqa=True)
+        return o[:, :, 0]                                                      # (B, nh, hd)
+
+    def attend_after_prefix(self, q, k, v, start: int):
+        """q (1, nh, n, hd) at positions start.. of a sequence; k, v (1, nkv, start + n, hd): each query
+        sees the whole prefix and, causally, its own chunk. On CUDA that is two cuDNN calls merged by
+        their log-sum-exp: SDPA routes the lower-right causal mask to a FlashAttention-2 kernel that
+        ran 1.7x slower per FLOP than cuDNN on H200, which cost the weave ~10% at 16K tokens."""
+        if self.cudnn_split and q.is_cuda:
+            k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))   # (1, nh, L, hd)
+            o1, lse1 = cudnn_attention(q, k[:, :, :start], v[:, :, :start], causal=False)    # the prefix
+            o2, lse2 = cudnn_attention(q, k[:, :, start:], v[:, :, start:], causal=True)     # the chunk
+            return torch.lerp(o2.float(), o1.float(), torch.sigmoid(lse1 - lse2)).to(q.dtype)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(q.shape[2], k.shape[2]),
+                                              enable_gqa=True)
 
     def loaders(self, p: str) -> dict:
         out = {f"{p}.{n}_proj.weight": self.qkv.loader(i) for i, n in enumerate("qkv")}
@@ -246,33 +306,22 @@ class Attention(nn.Module):
         return out | {f"{p}.o_proj.weight": self.o.loader()}
 
 
-def attend_after_prefix(q, k, v, start: int):
-    """q (1, nh, n, hd) at positions start.. of a sequence; k, v (1, nkv, start + n, hd): each query
-    sees the whole prefix and, causally, its own chunk. On CUDA that is two cuDNN calls merged by
-    their log-sum-exp: SDPA routes the lower-right causal mask to a FlashAttention-2 kernel that
-    ran 1.7x slower per FLOP than cuDNN on H200, which cost the weave ~10% at 16K tokens."""
-    global _cudnn_split
-    if q.device.type == "cuda" and _cudnn_split:
-        try:
-            k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))   # (1, nh, L, hd)
-            o1, lse1 = cudnn_attention(q, k[:, :, :start], v[:, :, :start], causal=False)    # the prefix
-            o2, lse2 = cudnn_attention(q, k[:, :, start:], v[:, :, start:], causal=True)     # the chunk
-            return torch.lerp(o2.float(), o1.float(), torch.sigmoid(lse1 - lse2)).to(q.dtype)
-        except RuntimeError as e:   # an older cuDNN or torch: same result, slower kernel
-            _cudnn_split = False
-            print(f"warning: split cuDNN attention unavailable ({str(e).splitlines()[0]}); "
-                  f"using SDPA's lower-right causal mask", flush=True)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(q.shape[2], k.shape[2]),
-                                          enable_gqa=True)
-
-
-_cudnn_split = True
-
-
 def cudnn_attention(q, k, v, causal: bool):
     """Attention output (1, nh, n, hd) and its log-sum-exp (1, nh, n, 1), from cuDNN."""
     out = torch.ops.aten._scaled_dot_product_cudnn_attention(q.contiguous(), k, v, None, True, 0.0, causal, False)
     return out[0], out[1].reshape(out[0].shape[:-1]).unsqueeze(-1).float()
+
+
+def cudnn_split_works(device: torch.device, dtype) -> str:
+    """'' if the split cuDNN attention runs here, else why not (an older cuDNN or torch)."""
+    if device.type != "cuda":
+        return "not on CUDA"
+    try:
+        q = torch.zeros(1, 2, 8, 64, device=device, dtype=dtype)
+        cudnn_attention(q, q[:, :, :4], q[:, :, :4], causal=False)
+        return ""
+    except RuntimeError as e:
+        return str(e).splitlines()[0]
 
 
 class MLP(nn.Module):
@@ -297,10 +346,10 @@ class MLP(nn.Module):
 
 
 class Layer(nn.Module):
-    def __init__(self, cfg: Config, d: Dist, mlp_cls):
+    def __init__(self, cfg: Config, d: Dist, mlp_cls, cudnn_split: bool):
         super().__init__()
         self.input_norm = RMSNorm(cfg.hidden, cfg.eps)
-        self.attn = Attention(cfg, d)
+        self.attn = Attention(cfg, d, cudnn_split)
         self.post_attn_norm = RMSNorm(cfg.hidden, cfg.eps)
         self.mlp = mlp_cls(cfg, d)
 
@@ -312,8 +361,12 @@ class Transformer(nn.Module):
     def __init__(self, cfg: Config, d: Dist):
         super().__init__()
         self.cfg, self.d = cfg, d
+        why = cudnn_split_works(d.device, torch.get_default_dtype())
+        if why and d.device.type == "cuda" and d.rank == 0:
+            warnings.warn(f"split cuDNN attention unavailable ({why}); chunks after a cached prefix use "
+                          f"SDPA's lower-right causal mask (slower)", stacklevel=2)
         self.embed_tokens = VocabParallel(d, cfg.vocab, cfg.hidden)
-        self.layers = nn.ModuleList(Layer(cfg, d, self.MLP) for _ in range(cfg.n_layers))
+        self.layers = nn.ModuleList(Layer(cfg, d, self.MLP, not why) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.hidden, cfg.eps)
         self.head = self.embed_tokens if cfg.tie_embeddings else VocabParallel(d, cfg.vocab, cfg.hidden)
         a = self.layers[0].attn
@@ -337,13 +390,23 @@ class Transformer(nn.Module):
         return F.linear(x, self.head.weight)
 
     def allocate_cache(self, n_slots: int, max_len: int):
+        """KV cache for n_slots sequences of up to max_len positions each (and their RoPE table)."""
         if max_len > self.cfg.max_positions:
             raise ValueError(f"{max_len} positions exceed the model's context of {self.cfg.max_positions}")
+        for layer in self.layers:      # the old cache goes first: two would not fit
+            layer.attn.k_cache = layer.attn.v_cache = None
+        w = self.norm.weight
+        rope = rope_table(self.cfg, max_len, w.dtype, w.device)
         for layer in self.layers:
-            layer.attn.allocate_cache(n_slots, max_len)
+            layer.attn.allocate_cache(n_slots, max_len, rope)
+
+    def cache_bytes(self, n_slots: int, max_len: int) -> int:
+        """What allocate_cache takes on this rank: K and V of every layer."""
+        a = self.layers[0].attn
+        return 2 * len(self.layers) * n_slots * max_len * a.nkv * a.hd * self.norm.weight.element_size()
 
     def loaders(self) -> dict:
-        """Checkpoint tensor name -> a function that copies this rank's slice of it into place."""
+        """Checkpoint tensor name -> the Shard that copies this rank's slice of it into place."""
         out = {"model.embed_tokens.weight": self.embed_tokens.loader(), "model.norm.weight": self.norm.loader()}
         if not self.cfg.tie_embeddings:
             out["lm_head.weight"] = self.head.loader()
@@ -389,8 +452,11 @@ def load_checkpoint(model: Transformer, path: str, log=print):
     from safetensors import safe_open
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
+        try:
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{index} is not a safetensors index (no readable weight_map: {e})") from None
     elif os.path.exists(os.path.join(path, "model.safetensors")):
         weight_map = None
     else:
@@ -406,14 +472,20 @@ def load_checkpoint(model: Transformer, path: str, log=print):
         fpath = os.path.join(path, fname)
         if not os.path.exists(fpath):
             raise FileNotFoundError(f"checkpoint shard {fname} is listed in the index but missing from {path}")
-        with safe_open(fpath, framework="pt", device="cpu") as f:
-            for name in f.keys():
-                if name in loaders:
-                    try:
-                        loaders[name](f.get_slice(name))
-                    except ValueError as e:
-                        raise ValueError(f"tensor {name} in {fname}: {e}") from None
-                    seen.add(name)
+        try:
+            with safe_open(fpath, framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    if name in loaders:
+                        try:
+                            loaders[name](f.get_slice(name))
+                        except ValueError as e:   # a shape that does not fit
+                            raise ValueError(f"tensor {name} in {fpath}: {e}") from None
+                        seen.add(name)
+        except ValueError:
+            raise
+        except Exception as e:      # safetensors' own errors: a truncated or corrupt file
+            raise ValueError(f"{fpath} is not a readable safetensors file ({type(e).__name__}: {e}); "
+                             f"it may be truncated: download it again") from None
         log(f"loaded shard {i + 1}/{len(files)} ({fname}) in {time.time() - t0:.1f}s")
     missing = missing or sorted(set(loaders) - seen)
     if missing:

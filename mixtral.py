@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import llama
-from llama import build, copy_checked, load_checkpoint  # noqa: F401  (build, load_checkpoint: run.py's interface)
-from weave import Batch, Dist
+from comm import Dist
+from llama import Shard
+from weave import Batch
 
 
 @dataclasses.dataclass
@@ -67,12 +68,11 @@ class MoE(nn.Module):
     def loaders(self, p: str) -> dict:
         r, n = self.d.rank, self.n
         mine = slice(r * n, (r + 1) * n)
-        out = {f"{p}.gate.weight": lambda sl: copy_checked(self.router, sl[:])}
+        out = {f"{p}.gate.weight": Shard(self.router)}
         for e in range(self.w13.shape[0]):
             q = f"{p}.experts.{e}"
-            out |= {f"{q}.w1.weight": lambda sl, e=e: copy_checked(self.w13[e, :n], sl[mine]),
-                    f"{q}.w3.weight": lambda sl, e=e: copy_checked(self.w13[e, n:], sl[mine]),
-                    f"{q}.w2.weight": lambda sl, e=e: copy_checked(self.w2[e], sl[:, mine])}
+            out |= {f"{q}.w1.weight": Shard(self.w13[e, :n], rows=mine), f"{q}.w3.weight": Shard(self.w13[e, n:], rows=mine),
+                    f"{q}.w2.weight": Shard(self.w2[e], cols=mine)}
         return out
 
 

@@ -7,7 +7,6 @@ column-parallel like their weights: rank r holds the bias entries of its own hea
 import dataclasses
 
 import llama
-from llama import build, load_checkpoint  # noqa: F401  (the interface run.py uses)
 
 
 @dataclasses.dataclass

@@ -2,12 +2,16 @@
 
     torchrun --nproc-per-node 4 run.py --model meta-llama/Llama-3.3-70B-Instruct --chat --prompt "Hi"
     torchrun --nproc-per-node 2 run.py          # a tiny random-weight demo model, created once
+    python run.py --prompts-file prompts.txt --json > out.jsonl
 
-All prompts are prefilled in one step (where the token split and overlap pay), then decoded
-together; every rank ends each step with the same token (rank 0 samples and broadcasts).
+The tensor-parallel size is the number of processes torchrun starts (--nproc-per-node); plain
+`python run.py` runs on one GPU (or the CPU). Any number of prompts stream through a fixed KV
+cache: each step packs the running sequences' next tokens and chunks of waiting prompts into one
+batch of at most --max-step-tokens, and a large step is split in two halves whose communication
+and computation overlap. One prompt is printed as it is generated; many are printed in input order
+(or, with --json, one line each as it finishes), with a progress line on stderr.
 """
 import argparse
-import importlib
 import json
 import os
 import sys
@@ -16,139 +20,107 @@ import time
 import torch
 import torch.distributed as dist
 
+import comm
+import engine
+import models
 import weave
 
-MODEL_FILES = {"llama": "llama", "qwen2": "qwen", "mixtral": "mixtral"}   # config.json model_type -> file
-DEMO_DIR = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "tokenweave", "demo-llama-v1")
+DEFAULT_PROMPT = {"demo": "The quick brown fox", "model": "Tell me about tensor parallelism."}
+
+
+class UsageError(ValueError):
+    """A bad command line: reported as one line on rank 0, exit code 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):   # argparse would print and exit on every rank
+        raise UsageError(message)
+
+
+def positive(name):
+    def parse(s):
+        v = int(s)
+        if v < 1:
+            raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
+        return v
+    parse.__name__ = name
+    return parse
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="a local checkpoint directory (HF layout: config.json, *.safetensors, "
-                   "tokenizer.json) or a hub id to download; default: the tiny random-weight demo model")
-    p.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for several (all run as one batch)")
-    p.add_argument("--prompts-file", help="a text file with one prompt per line (added to --prompt)")
+                   "tokenizer.json) or a hub id to download; default: the tiny random-weight demo model, "
+                   "made once in ~/.cache/tokenweave (its text is gibberish)")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for several. Default, when "
+                   f"no prompt is given: {DEFAULT_PROMPT['demo']!r} (demo) or {DEFAULT_PROMPT['model']!r}")
+    p.add_argument("--prompts-file", help="a UTF-8 text file with one prompt per line (blank lines skipped), "
+                   "added after the --prompt ones")
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the checkpoint's chat template")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt (default 64)")
+    p.add_argument("--max-new-tokens", type=positive("max-new-tokens"), default=64,
+                   help="tokens to generate per prompt, at most (default 64)")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the smallest set of tokens "
-                   "whose probability reaches this (default 1.0 = all)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+                   "whose probability reaches this, in (0, 1] (default 1.0 = all)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampler; matters only with --temperature > 0 "
+                   "(default 0)")
+    p.add_argument("--max-seqs", type=positive("max-seqs"), default=64, help="sequences generated at once: the "
+                   "KV cache holds this many (default 64; lowered to what fits in GPU memory)")
+    p.add_argument("--max-step-tokens", type=positive("max-step-tokens"), default=2048, help="token budget "
+                   "of one step: decode tokens plus prompt chunks (default 2048, as the paper's throughput "
+                   "runs); longer prompts are prefilled over several steps")
     p.add_argument("--weave", choices=["auto", "on", "off"], default="auto", help="split steps in two and overlap "
                    "comm with compute: auto = at or above the tuned token threshold (default), on = every step "
                    "of 2+ tokens, off = never")
-    p.add_argument("--comm", choices=["auto", "fused", "nccl", "gloo", "none"], default="auto",
+    p.add_argument("--comm", choices=["auto", *comm.BACKENDS], default="auto",
                    help="comm point backend: fused (one kernel: all-reduce + add + RMSNorm, Hopper), nccl "
                    "(all-reduce then add + RMSNorm), gloo (CPU reference), none (no communication: wrong "
-                   "results, for timing only); auto = fused where available, else nccl, gloo on CPU")
+                   "results, for timing only); auto = fused where available, else nccl, gloo on CPU. "
+                   "Needs 2+ ranks, except auto and none")
+    p.add_argument("--graphs", choices=["auto", "on", "off"], default="auto", help="replay decode steps from "
+                   "CUDA graphs, captured once per batch size at start: auto = on CUDA (default), off = "
+                   "launch every kernel from Python")
     p.add_argument("--tuning", help="a tuning table written by `bench.py tune` (default: configs/<gpu>-<model "
                    "type>-h<hidden>-tp<N>.json when it exists, else the analytic wave model)")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="default: cuda if available")
-    p.add_argument("--json", action="store_true", help="print one JSON line per prompt (prompt, text, token_ids, "
-                   "timings) instead of text")
+    p.add_argument("--json", action="store_true", help="print one JSON line per prompt as it finishes (index, "
+                   "prompt, text, token_ids, timings; error for a prompt that could not run); stdout has "
+                   "nothing else")
     args = p.parse_args(argv)
-    if args.prompts_file:
-        with open(args.prompts_file) as f:
-            args.prompt += [line.rstrip("\n") for line in f if line.strip()]
-    if not args.prompt:
-        args.prompt = ["The quick brown fox"] if args.model is None else ["Tell me about tensor parallelism."]
-    if any(not s.strip() for s in args.prompt):
-        raise ValueError("empty prompt: every --prompt needs some text")
-    if args.max_new_tokens <= 0:
-        raise ValueError(f"--max-new-tokens must be at least 1 (got {args.max_new_tokens})")
-    if args.temperature < 0 or not 0 < args.top_p <= 1:
-        raise ValueError("--temperature must be >= 0 and --top-p in (0, 1]")
+    if args.temperature < 0:
+        raise UsageError(f"--temperature must be >= 0, got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.max_seqs > args.max_step_tokens:
+        raise UsageError(f"--max-seqs ({args.max_seqs}) must not exceed --max-step-tokens ({args.max_step_tokens}): "
+                         f"every running sequence decodes one token per step")
+    if args.graphs == "on" and args.device == "cpu":
+        raise UsageError("--graphs on needs CUDA; on the CPU use --graphs off (or auto)")
     return args
 
 
-# ----------------------------------------------------------------------------- checkpoint and tokenizer
-
-
-def resolve_model(name: str | None, d: weave.Dist) -> str:
-    """A local directory as is; a hub id downloaded (config, safetensors, tokenizer) by rank 0 first."""
-    if name is None:
-        first_rank_then_others(d, lambda: os.path.isdir(DEMO_DIR) or make_demo(DEMO_DIR))
-        return DEMO_DIR
-    if os.path.isdir(name):
-        return name
-    if name.startswith((".", "/", "~")) or os.sep in name.strip("/").replace("/", "", 1):
-        raise FileNotFoundError(f"--model {name}: no such directory")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
-
-    def download(**kw):
+def read_prompts(args) -> list:
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        f = args.prompts_file
+        if os.path.isdir(f):
+            raise UsageError(f"--prompts-file {f} is a directory; give a text file with one prompt per line")
         try:
-            return snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "tokenizer*"], **kw)
-        except GatedRepoError:
-            raise ValueError(f"{name} is gated: accept its license on the hub and log in (`hf auth login`)") from None
-        except RepositoryNotFoundError:
-            raise FileNotFoundError(f"--model {name}: not a local directory, nor a model on the hub") from None
-        except LocalEntryNotFoundError:
-            raise ConnectionError(f"cannot download {name}: offline and not in the local cache; "
-                                  f"download it where there is network, or pass a local directory") from None
-    first_rank_then_others(d, download)
-    return download(local_files_only=True) if d.rank else download()
+            with open(f, encoding="utf-8") as fh:
+                lines = [line.rstrip("\n") for line in fh if line.strip()]
+        except FileNotFoundError:
+            raise UsageError(f"--prompts-file {f} does not exist") from None
+        except UnicodeDecodeError as e:
+            raise UsageError(f"--prompts-file {f} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+        if not lines:
+            raise UsageError(f"--prompts-file {f} has no prompts (every line is blank)")
+        prompts += lines
+    if any(not s.strip() for s in prompts):
+        raise UsageError("empty prompt: every --prompt needs some text")
+    return prompts or [DEFAULT_PROMPT["demo" if args.model is None else "model"]]
 
 
-def first_rank_then_others(d: weave.Dist, fn):
-    """Rank 0 runs fn (a download, a build) before the others, which then find it done."""
-    if d.rank == 0:
-        fn()
-    if d.world > 1:
-        dist.barrier()
-
-
-def make_demo(path: str):
-    """A tiny random-weight Llama in HF layout with a BPE tokenizer trained here: enough to run the
-    whole system without downloading anything. Written to a temporary directory, then renamed."""
-    from safetensors.torch import save_file
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    import llama
-    text = ("TokenWeave splits the tokens of a step into two halves and overlaps the communication of one "
-            "half with the computation of the other. The quick brown fox jumps over the lazy dog. "
-            "Tensor parallel layers end with an all-reduce; fusing it with the residual add and RMSNorm "
-            "saves memory traffic. Once upon a time there was a small model with random weights.")
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator([text] * 50, trainers.BpeTrainer(vocab_size=384, special_tokens=["<s>", "</s>"],
-                                                             initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
-    hf = dict(model_type="llama", hidden_size=128, num_hidden_layers=4, num_attention_heads=8,
-              num_key_value_heads=4, head_dim=16, intermediate_size=256, vocab_size=tok.get_vocab_size(),
-              rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False, max_position_embeddings=2048,
-              bos_token_id=0, eos_token_id=1, torch_dtype="bfloat16")
-    g = torch.Generator().manual_seed(1234)
-    tensors = {name: torch.ones(shape) if name.endswith("norm.weight") else   # std 1/sqrt(fan in):
-               torch.randn(shape, generator=g) / shape[-1] ** 0.5               # logits with clear winners
-               for name, shape in hf_shapes(llama.Config.from_hf(hf)).items()}
-    tmp = f"{path}.tmp{os.getpid()}"
-    os.makedirs(tmp, exist_ok=True)
-    tensors = {k: v.to(torch.bfloat16) for k, v in tensors.items()}
-    save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-    tok.save(os.path.join(tmp, "tokenizer.json"))
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-        json.dump(hf | {"architectures": ["LlamaForCausalLM"]}, f, indent=1)
-    with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
-        json.dump({"bos_token": "<s>", "eos_token": "</s>", "chat_template":
-                   "{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-                   "{% if add_generation_prompt %}assistant:{% endif %}"}, f, indent=1)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    os.replace(tmp, path)
-
-
-def hf_shapes(cfg) -> dict:
-    """Tensor name -> shape of a Llama checkpoint in HF layout."""
-    H, I, V, q, kv = cfg.hidden, cfg.intermediate, cfg.vocab, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-    out = {"model.embed_tokens.weight": (V, H), "model.norm.weight": (H,), "lm_head.weight": (V, H)}
-    for i in range(cfg.n_layers):
-        p = f"model.layers.{i}"
-        out |= {f"{p}.input_layernorm.weight": (H,), f"{p}.post_attention_layernorm.weight": (H,),
-                f"{p}.self_attn.q_proj.weight": (q, H), f"{p}.self_attn.k_proj.weight": (kv, H),
-                f"{p}.self_attn.v_proj.weight": (kv, H), f"{p}.self_attn.o_proj.weight": (H, q),
-                f"{p}.mlp.gate_proj.weight": (I, H), f"{p}.mlp.up_proj.weight": (I, H),
-                f"{p}.mlp.down_proj.weight": (H, I)}
-    return out
+# ----------------------------------------------------------------------------- tokenizer
 
 
 def load_tokenizer(path: str):
@@ -159,18 +131,10 @@ def load_tokenizer(path: str):
     return Tokenizer.from_file(f)
 
 
-def read_json(path: str, name: str) -> dict:
-    f = os.path.join(path, name)
-    if not os.path.exists(f):
-        return {}
-    with open(f) as fh:
-        return json.load(fh)
-
-
 def encode_prompts(tok, prompts, path: str, chat: bool) -> list:
     if not chat:
         return [tok.encode(p).ids for p in prompts]
-    tc = read_json(path, "tokenizer_config.json")
+    tc = models.read_json(path, "tokenizer_config.json")
     template = tc.get("chat_template")
     if isinstance(template, list):   # named templates: take the default one
         template = next((t["template"] for t in template if t.get("name") == "default"), template[0]["template"])
@@ -185,111 +149,154 @@ def encode_prompts(tok, prompts, path: str, chat: bool) -> list:
     return [tok.encode(t, add_special_tokens=False).ids for t in texts]
 
 
-# ----------------------------------------------------------------------------- generation
+# ----------------------------------------------------------------------------- output
 
 
-def sample(logits, temperature: float, top_p: float, g: torch.Generator):
-    """logits (B, V) -> (B,) next tokens."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    p, idx = probs.sort(dim=-1, descending=True)
-    p[(p.cumsum(-1) - p) >= top_p] = 0          # drop tokens once the kept mass reaches top_p
-    choice = torch.multinomial(p / p.sum(-1, keepdim=True), 1, generator=g)
-    return idx.gather(-1, choice)[:, 0]
+class Printer:
+    """Rank 0's output: streamed text for one prompt; input order (text) or finish order (JSON)
+    for many; a progress line on stderr; the summary."""
+
+    def __init__(self, args, prompts, tok, eos, d, load_s, start):
+        self.args, self.prompts, self.tok, self.eos, self.load_s = args, prompts, tok, eos, load_s
+        self.on = d.rank == 0
+        self.stream = self.on and len(prompts) == 1 and not args.json
+        self.pending, self.next, self.done, self.failed, self.tokens = {}, 0, 0, 0, 0
+        self.shown, self.t0, self.last_progress = "", start, 0.0
+        self.ttfts, self.n_in, self.n_out, self.last = [], 0, 0, None   # for the summary
+
+    def text(self, ids):
+        return self.tok.decode([t for t in ids if t not in self.eos])
+
+    def token(self, seq, t):
+        self.tokens += 1
+        if self.stream:
+            if not self.shown:
+                print(f"--- {self.prompts[0]}", flush=True)
+            text = self.text(seq.out)
+            if not text.endswith("\ufffd"):   # an incomplete UTF-8 character: wait for the rest
+                print(text[len(self.shown):], end="", flush=True)
+                self.shown = text
+
+    def finished(self, seq):
+        self.done += 1
+        self.failed += seq.error is not None
+        if seq.error is None:
+            self.ttfts.append(seq.t_first - self.t0)
+            self.n_in, self.n_out, self.last = self.n_in + len(seq.prompt), self.n_out + len(seq.out), seq
+        if not self.on:
+            return
+        if self.args.json:
+            print(json.dumps(self.record(seq)), flush=True)
+        elif self.stream and seq.error:
+            print(f"--- {self.prompts[0]}\nerror: {seq.error}\n", flush=True)
+        elif self.stream:
+            print(self.text(seq.out)[len(self.shown):] + "\n", flush=True)   # what was held back, if any
+        else:
+            self.pending[seq.index] = seq
+            while self.next in self.pending:
+                s = self.pending.pop(self.next)
+                print(f"--- {self.prompts[s.index]}\n{self.text(s.out) if s.error is None else 'error: ' + s.error}\n",
+                      flush=True)
+                self.next += 1
+        self.progress()
+
+    def record(self, seq):
+        out = {"index": seq.index, "prompt": self.prompts[seq.index]}
+        if seq.error:
+            return out | {"error": seq.error, "text": "", "token_ids": []}
+        decode = seq.t_done - seq.t_first
+        return out | {"text": self.text(seq.out), "token_ids": seq.out, "ttft_s": seq.t_first - self.t0,
+                      "prefill_tok_s": len(seq.prompt) / max(seq.t_first - seq.t_admit, 1e-9),
+                      "decode_tok_s": (len(seq.out) - 1) / decode if len(seq.out) > 1 and decode > 0 else None,
+                      "decode_steps": len(seq.out) - 1, "load_s": self.load_s}
+
+    def progress(self, final=False):
+        now = time.perf_counter()
+        if len(self.prompts) < 2 or (not final and now - self.last_progress < 0.5):
+            return
+        self.last_progress = now
+        line = (f"{self.done}/{len(self.prompts)} prompts done{f' ({self.failed} failed)' if self.failed else ''}, "
+                f"{self.tokens / (now - self.t0):.1f} tok/s generated")
+        tty = sys.stderr.isatty()
+        print(("\r" if tty else "") + line, end="\n" if final or not tty else "", file=sys.stderr, flush=True)
+
+    def summary(self, d, comm_name, wall):
+        if not self.on:
+            return
+        self.progress(final=True)
+        if self.args.json or not self.ttfts:
+            return
+        if len(self.prompts) == 1:
+            s = self.last
+            dec = (len(s.out) - 1) / (s.t_done - s.t_first) if len(s.out) > 1 and s.t_done > s.t_first else None
+            print(f"load {self.load_s:.1f}s | time to first token {(s.t_first - self.t0) * 1e3:.1f} ms | prefill "
+                  f"{len(s.prompt) / max(s.t_first - s.t_admit, 1e-9):.0f} tok/s | decode "
+                  f"{f'{dec:.1f} tok/s' if dec else '-'} (TP {d.world}, comm {comm_name}, weave {self.args.weave})")
+        else:
+            ttft = sorted(self.ttfts)[len(self.ttfts) // 2]
+            print(f"load {self.load_s:.1f}s | {len(self.ttfts)} prompts in {wall:.2f}s | {self.n_out / wall:.1f} "
+                  f"output tok/s, {(self.n_in + self.n_out) / wall:.1f} total tok/s | median time to first token "
+                  f"{ttft * 1e3:.0f} ms "
+                  f"(TP {d.world}, comm {comm_name}, weave {self.args.weave})")
 
 
-def sync(d: weave.Dist) -> float:
+# ----------------------------------------------------------------------------- main
+
+
+def sync(d) -> float:
     if d.device.type == "cuda":
         torch.cuda.synchronize()
+    if d.world > 1:
+        dist.barrier()   # every rank has loaded: the clock starts for all at once
     return time.perf_counter()
 
 
 @torch.no_grad()
-def generate(weaver, prompts_ids, max_new: int, eos: set, args, d: weave.Dist):
-    """Prefills all prompts in one step, then decodes them together until EOS or max_new tokens."""
-    g = torch.Generator(d.device).manual_seed(args.seed)
-    B = len(prompts_ids)
-    out = [[] for _ in range(B)]
-    t0 = sync(d)
-    batch = weave.Batch.make([(i, 0, len(p)) for i, p in enumerate(prompts_ids)],
-                             [t for p in prompts_ids for t in p], d.device)
-    active = list(range(B))
-    step, ttft = 0, None
-    while active:
-        nxt = weave.broadcast_from_rank0(sample(weaver(batch), args.temperature, args.top_p, g), d).tolist()
-        if ttft is None:
-            ttft = sync(d) - t0
-        step += 1
-        for i, t in zip(active, nxt):
-            out[i].append(t)
-        active = [i for i in active if out[i][-1] not in eos and len(out[i]) < max_new]
-        batch = weave.Batch.make([(i, len(prompts_ids[i]) + len(out[i]) - 1, 1) for i in active],
-                                 [out[i][-1] for i in active], d.device)
-    total = sync(d) - t0
-    n_prefill = sum(map(len, prompts_ids))
-    n_decode = sum(map(len, out)) - B
-    timings = {"ttft_s": ttft, "prefill_tok_s": n_prefill / ttft,
-               "decode_tok_s": n_decode / (total - ttft) if n_decode else None, "decode_steps": step - 1}
-    return out, timings
-
-
 def main(argv=None) -> int:
+    rank0 = int(os.environ.get("RANK", 0)) == 0
     d = None
     try:
         args = parse_args(argv)
-        d = weave.init_distributed(args.device)
-        say = print if d.rank == 0 else (lambda *a, **k: None)
+        prompts = read_prompts(args)
+        d = comm.init_distributed(args.device)
+        comm.check_comm(args.comm, d)          # fails before minutes of loading
         log = (lambda s: print(s, file=sys.stderr, flush=True)) if d.rank == 0 else (lambda s: None)
         t0 = time.perf_counter()
-        path = resolve_model(args.model, d)
+        path = models.resolve(args.model, d)
         if args.model is None:
             log(f"no --model given: using the demo model at {path} (tiny, RANDOM weights: the text is gibberish)")
-        hf_cfg = read_json(path, "config.json")
-        if not hf_cfg:
-            raise FileNotFoundError(f"no config.json in {path}")
-        kind = hf_cfg.get("model_type")
-        if kind not in MODEL_FILES:
-            raise ValueError(f"model_type {kind!r} is not supported; supported: {', '.join(MODEL_FILES)}")
-        mod = importlib.import_module(MODEL_FILES[kind])
-        cfg = mod.Config.from_hf(hf_cfg)
-        gen = read_json(path, "generation_config.json").get("eos_token_id")
-        eos = set(cfg.eos_ids) | set(gen if isinstance(gen, list) else [gen] if gen is not None else [])
+        module, cfg = models.config(models.read_json(path, "config.json") or {"model_type": None})
+        tuning = weave.Tuning.load(args.tuning or weave.tuning_path(cfg, d.world),
+                                   threshold=module.Transformer.weave_threshold, required=bool(args.tuning))
         tok = load_tokenizer(path)
-        prompts_ids = encode_prompts(tok, args.prompt, path, args.chat)
-        for i, ids in enumerate(prompts_ids):
-            if len(ids) + args.max_new_tokens > cfg.max_positions:
-                raise ValueError(f"prompt {i + 1} has {len(ids)} tokens: with --max-new-tokens "
-                                 f"{args.max_new_tokens} it exceeds the model's context of {cfg.max_positions}")
+        ids = encode_prompts(tok, prompts, path, args.chat)
+        fits = [len(p) + args.max_new_tokens for p in ids if len(p) + args.max_new_tokens <= cfg.max_positions]
         dtype = getattr(torch, cfg.dtype.replace("torch.", "")) if d.device.type == "cuda" else torch.float32
-        model = mod.build(mod.Transformer, cfg, d, dtype)
-        log(f"loading {path} ({kind}, {cfg.n_layers} layers, TP {d.world}, {dtype}) on {d.device.type}")
-        mod.load_checkpoint(model, path, log=log)
-        model.allocate_cache(len(prompts_ids), max(map(len, prompts_ids)) + args.max_new_tokens)
-        comm = weave.make_comm(args.comm, d, cfg.hidden, sum(map(len, prompts_ids)), dtype)
-        tuning = weave.Tuning.load(args.tuning or weave.tuning_path(cfg, d.world))
-        weaver = weave.Weaver(model, comm, args.weave, tuning)
-        load_s = sync(d) - t0
-        log(f"ready in {load_s:.1f}s: comm {comm.name}{'/' + comm.transport if comm.name == 'fused' else ''}, "
-            f"weave {args.weave}")
-        outs, timings = generate(weaver, prompts_ids, args.max_new_tokens, eos, args, d)
-        timings["load_s"] = load_s
-        for prompt, ids in zip(args.prompt, outs):
-            text = tok.decode([t for t in ids if t not in eos])
-            if args.json:
-                say(json.dumps({"prompt": prompt, "text": text, "token_ids": ids, **timings}))
-            else:
-                say(f"--- {prompt}\n{text}\n")
-        if not args.json:
-            dec = timings["decode_tok_s"]
-            say(f"load {load_s:.1f}s | time to first token {timings['ttft_s'] * 1e3:.1f} ms | prefill "
-                f"{timings['prefill_tok_s']:.0f} tok/s | decode {f'{dec:.1f} tok/s' if dec else '-'} "
-                f"({len(outs)} sequences, TP {d.world}, comm {comm.name}, weave {args.weave})")
-        return 0
-    except (ValueError, FileNotFoundError, ConnectionError) as e:
-        if d is None or d.rank == 0:
-            print(f"error: {e}", file=sys.stderr)
-        return 1
+        model = models.load(path, d, dtype, log=log)
+        eos = models.eos_ids(model, path)
+        backend = comm.make_comm(args.comm, d, cfg.hidden, args.max_step_tokens, dtype)
+        weaver = weave.Weaver(model, backend, args.weave, tuning)
+        graphs = args.graphs == "on" or (args.graphs == "auto" and d.device.type == "cuda")
+        eng = engine.Engine(weaver, args.max_seqs, args.max_step_tokens, max(fits, default=1), graphs,
+                            args.temperature, args.top_p, args.seed, log=log)
+        name = backend.name + (f"/{backend.transport}" if backend.name == "fused" else "")
+        start = sync(d)
+        load_s = start - t0
+        log(f"ready in {load_s:.1f}s: comm {name}, weave {args.weave}, graphs {'on' if graphs else 'off'}, "
+            f"{eng.max_seqs} sequences x {eng.max_len} positions")
+        out = Printer(args, prompts, tok, eos, d, load_s, start)
+        for seq in eng.generate(ids, args.max_new_tokens, eos, on_token=out.token):
+            out.finished(seq)
+        out.summary(d, name, sync(d) - start)
+        return 1 if out.failed else 0    # the others completed; the failed ones said why
+    except (ValueError, FileNotFoundError, ConnectionError, RuntimeError) as e:
+        if (d.rank == 0) if d else rank0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2 if isinstance(e, UsageError) else 1
+    except KeyboardInterrupt:
+        if (d.rank == 0) if d else rank0:
+            print("\ninterrupted", file=sys.stderr, flush=True)
+        return 130
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.skipif(not OK, reason=WHY)
 
 EPS = 1e-5
 TIMEOUT_S = 30.0  # the kernel's barrier timeout: a hang becomes a trap with a message
-MAX_CTAS = 64
+MAX_CTAS = 64  # multimem_ops.cu's limit; checked against ops.limits below
 CAPACITY = 16384 * 8192  # elements of the symmetric buffer: the largest case
 BF16 = torch.bfloat16
 all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # 2.13 name
@@ -173,7 +173,7 @@ def _worker(rank, world, port, body):
     dist.init_process_group("nccl", rank=rank, world_size=world, timeout=timedelta(seconds=120),
                             device_id=torch.device("cuda", rank))
     ops = build_ext.load()  # built by the parent: loads from the cache
-    assert ops.max_ctas() == MAX_CTAS
+    assert ops.limits["max_ctas"] == MAX_CTAS
     body(Symm(), ops)
     torch.cuda.synchronize()
     dist.barrier()

@@ -1,0 +1,281 @@
+"""The comm point: one op between two compute stages, and the backends that implement it.
+
+A compute stage leaves this rank's *partial* sum p in a step buffer h (T, H). The comm point turns
+it back into the next stage's input, in place:
+
+    residual += sum over ranks of p;  h = rmsnorm(residual) * w          (allreduce_add_rmsnorm)
+
+The fused backend does that in one kernel over torch symmetric memory (multimem_ops.cu): a
+reduce-scatter, the add + RMSNorm on the 1/N of the rows this rank owns, and an all-gather of the
+normalized rows. So the residual is partitioned: rank r keeps rows [r*n/N, (r+1)*n/N) only.
+"""
+import dataclasses
+import os
+import warnings
+
+import torch
+import torch.distributed as dist
+
+# ----------------------------------------------------------------------------- the process group
+
+
+@dataclasses.dataclass(frozen=True)
+class Dist:
+    """Where this process sits: its rank among `world`, and among the `local_world` ranks of its host."""
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+    local_rank: int = 0
+    local_world: int = 1
+
+    @property
+    def group_name(self) -> str:
+        return dist.group.WORLD.group_name
+
+
+def init_distributed(device: str = "auto") -> Dist:
+    """From torchrun's variables (plain `python` is world size 1): NCCL on CUDA, gloo on CPU."""
+    env = lambda name, default: int(os.environ.get(name, default))
+    rank, world = env("RANK", 0), env("WORLD_SIZE", 1)
+    local_rank, local_world = env("LOCAL_RANK", 0), env("LOCAL_WORLD_SIZE", world)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if torch.cuda.device_count() < local_rank + 1:
+            raise RuntimeError(f"rank {rank} needs GPU {local_rank} but only {torch.cuda.device_count()} "
+                               f"are visible; start fewer processes per node, or run on the CPU")
+        dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)
+    else:
+        dev = torch.device(device)
+    if world > 1 and not dist.is_initialized():
+        if dev.type == "cuda":
+            dist.init_process_group("nccl", device_id=dev)
+        else:
+            dist.init_process_group("gloo")
+    return Dist(rank, world, dev, local_rank, local_world)
+
+
+def broadcast_from_rank0(t: torch.Tensor, d: Dist) -> torch.Tensor:
+    """Rank 0's t on every rank (sampled tokens: every rank must continue with the same ones)."""
+    t = t.contiguous()
+    if d.world > 1:
+        dist.broadcast(t, src=0)
+    return t
+
+
+def padded(n: int, world: int) -> int:
+    """Rows of a step buffer: a multiple of the world size, so every rank owns as many rows."""
+    return -(-n // world) * world
+
+
+# ----------------------------------------------------------------------------- the reference op
+
+
+def add_rmsnorm_(h: torch.Tensor, residual: torch.Tensor, w: torch.Tensor, eps: float, s=None) -> None:
+    """residual += s (default h); h = rmsnorm(residual) * w, in place. transformers' numerics:
+    the sum rounded to the model dtype, normalized in fp32, cast, then multiplied by the weight."""
+    residual.copy_(residual.float() + (h if s is None else s).float())
+    r = residual.float()
+    h.copy_(w * (r * torch.rsqrt(r.pow(2).mean(-1, keepdim=True) + eps)).to(h.dtype))
+
+
+# ----------------------------------------------------------------------------- the backends
+
+
+class Comm:
+    """One comm point as an in-place op on a step buffer. Two buffers, one per half of a split,
+    so that the two halves never share memory while their work overlaps. The buffers are allocated
+    once, for the largest step: a captured CUDA graph keeps using the same addresses."""
+    name = "local"
+    partitioned = False    # residual holds only this rank's 1/N of the rows
+
+    def __init__(self, d: Dist, hidden: int, max_tokens: int, dtype: torch.dtype):
+        self.d, self.hidden, self.dtype = d, hidden, dtype
+        self.max_tokens = padded(max_tokens, d.world)
+        self.ext = load_ext(d) if dtype == torch.bfloat16 and hidden % 8 == 0 else None
+        self.bufs = self.allocate((2, self.max_tokens, hidden))
+
+    def allocate(self, shape):
+        return torch.zeros(shape, dtype=self.dtype, device=self.d.device)
+
+    def buffer(self, half: int, n: int) -> torch.Tensor:
+        if n > self.max_tokens:
+            raise ValueError(f"a step of {n} tokens exceeds the comm buffers, sized for {self.max_tokens} tokens "
+                             f"(the step token budget)")
+        return self.bufs[half, :n]
+
+    def new_residual(self, n: int) -> torch.Tensor:
+        rows = n // self.d.world if self.partitioned else n
+        return torch.zeros(rows, self.hidden, dtype=self.dtype, device=self.d.device)
+
+    def __call__(self, half: int, n: int, residual, w, eps: float, ctas: int) -> None:
+        self.add_rmsnorm_(self.bufs[half, :n], residual, w, eps)
+
+    def add_rmsnorm_(self, h, residual, w, eps):
+        """The local add + RMSNorm: the fused kernel on CUDA (one pass over h and the residual),
+        the torch reference elsewhere."""
+        if self.ext is not None:
+            self.ext.fused_add_rmsnorm.unchecked(h, residual, w, eps)
+        else:
+            add_rmsnorm_(h, residual, w, eps)
+
+    def gather_vocab(self, logits: torch.Tensor) -> torch.Tensor:
+        """(B, V/N) vocab-parallel logits -> (B, V) on every rank."""
+        if self.d.world == 1:
+            return logits
+        parts = [torch.empty_like(logits) for _ in range(self.d.world)]
+        dist.all_gather(parts, logits.contiguous())
+        return torch.cat(parts, dim=-1)
+
+
+class LocalComm(Comm):
+    """World size 1: no communication, the plain fused add + RMSNorm."""
+
+
+class NoComm(Comm):
+    """Communication removed (benchmarks only): what TokenWeave is measured against."""
+    name = "none"
+
+    def gather_vocab(self, logits):
+        return logits.repeat(1, self.d.world)
+
+
+class NcclComm(Comm):
+    """The baseline (vLLM's default): all-reduce, then add + RMSNorm over all rows on every rank."""
+    name = "nccl"
+
+    def __call__(self, half, n, residual, w, eps, ctas):
+        h = self.bufs[half, :n]
+        dist.all_reduce(h)
+        self.add_rmsnorm_(h, residual, w, eps)
+
+
+class GlooComm(Comm):
+    """The executable specification of the fused op, with plain collectives: reduce (in fp32, so
+    every rank gets the same bits), add + RMSNorm on this rank's 1/N of the rows, all-gather."""
+    name = "gloo"
+    partitioned = True
+
+    def __call__(self, half, n, residual, w, eps, ctas):
+        h, m, r = self.bufs[half, :n], n // self.d.world, self.d.rank
+        s = h.float()
+        dist.all_reduce(s)                     # gloo has no reduce-scatter; keep our rows only
+        mine = h[r * m:(r + 1) * m].clone()    # (n/N, H) the rows this rank owns
+        add_rmsnorm_(mine, residual, w, eps, s=s[r * m:(r + 1) * m])
+        dist.all_gather(list(h.chunk(self.d.world)), mine)
+
+
+class FusedComm(Comm):
+    """The fused kernel over torch symmetric memory: every rank reads the partials of its own rows
+    from all peers and writes the normalized rows into every peer's buffer (multimem_ops.cu).
+
+    Replay-safe: the kernel's barriers keep no state on the host (each signal is consumed by
+    exactly one wait, see the .cu header), and the buffers and flags never move, so a captured
+    CUDA graph may replay the call any number of times."""
+    name = "fused"
+    partitioned = True
+    timeout_s = 30.0
+
+    def __init__(self, d, hidden, max_tokens, dtype):
+        if dtype != torch.bfloat16 or hidden % 8:
+            raise ValueError(f"the fused comm needs bf16 and hidden % 8 == 0 (got {dtype}, hidden {hidden})")
+        self._handles = []                     # (tensor, symmetric-memory handle) pairs, kept alive
+        super().__init__(d, hidden, max_tokens, dtype)
+        if self.ext is None:
+            raise RuntimeError("the fused comm needs the CUDA extension, which could not be built here")
+        flags = self.allocate((self.ext.limits["max_ctas"] * d.world,), torch.int32)
+        self.peer_bufs = [self.peers(self.bufs, half) for half in range(2)]
+        self.peer_flags = self.peers(flags, None)
+        base = self._handles[0][1].multicast_ptr
+        self.multicast = [base and base + self.bufs[half].data_ptr() - self.bufs.data_ptr() for half in range(2)]
+        self.transport = "multimem" if self.multicast[0] else "p2p"
+        # This class builds the buffer, peer and flag arguments and the Weaver the residual slices,
+        # so the per-call Python checks (~5 us each, 161 calls per step at 80 layers) are skipped.
+        self.allreduce = self.ext.fused_allreduce_add_rmsnorm.unchecked
+        torch.cuda.synchronize()
+        dist.barrier()
+
+    def allocate(self, shape, dtype=None):
+        import torch.distributed._symmetric_memory as symm_mem
+        if torch.torch_version.TorchVersion(torch.__version__) < "2.11":
+            symm_mem.enable_symm_mem_for_group(self.d.group_name)   # implicit from 2.11 on
+        t = symm_mem.empty(shape, dtype=dtype or self.dtype, device=self.d.device).zero_()
+        self._handles.append((t, symm_mem.rendezvous(t, self.d.group_name)))
+        return t
+
+    def peers(self, t, half):
+        """Address of t (or t[half]) in every rank's mapping of its symmetric allocation."""
+        handle = next(h for buf, h in self._handles if buf is t)
+        view = t if half is None else t[half]
+        return [base + view.data_ptr() - handle.buffer_ptrs[handle.rank] for base in handle.buffer_ptrs]
+
+    def __call__(self, half, n, residual, w, eps, ctas):
+        self.allreduce(self.bufs[half, :n], self.peer_bufs[half], self.multicast[half],
+                       self.peer_flags, self.d.rank, residual, w, eps, ctas, self.timeout_s)
+
+
+BACKENDS = {c.name: c for c in (NcclComm, GlooComm, FusedComm, NoComm)}
+
+
+def check_comm(name: str, d: Dist) -> str:
+    """The backend `name` resolves to for this process (auto: fused on Hopper with NVLink P2P, else
+    nccl on CUDA, gloo on CPU; world size 1: local). Raises ValueError when it cannot run here: called
+    before the checkpoint loads, so a wrong choice fails in seconds, not after minutes of loading."""
+    choices = ["auto", *BACKENDS]
+    if name not in choices:
+        raise ValueError(f"unknown comm backend {name!r}; choose from {', '.join(choices)}")
+    if name in ("nccl", "fused") and d.device.type != "cuda":
+        raise ValueError(f"comm {name} needs CUDA GPUs; on the CPU use gloo (or auto)")
+    if name == "gloo" and d.device.type != "cpu":
+        raise ValueError("comm gloo is the CPU reference; on GPUs use fused or nccl (or auto)")
+    if d.world == 1:
+        if name in ("nccl", "fused", "gloo"):
+            raise ValueError(f"comm {name} needs 2 or more ranks (start with torchrun --nproc-per-node N); "
+                             f"a single process has no communication (use auto)")
+        return "none" if name == "none" else "local"
+    if name == "auto":
+        return "gloo" if d.device.type == "cpu" else ("fused" if fused_available(d)[0] else "nccl")
+    if name == "fused" and not (ok := fused_available(d))[0]:
+        raise ValueError(f"comm fused is not available here: {ok[1]}; use nccl")
+    return name
+
+
+def make_comm(name: str, d: Dist, hidden: int, max_tokens: int, dtype) -> Comm:
+    """The comm point backend `name` (see check_comm), with buffers for steps of max_tokens."""
+    name = check_comm(name, d)
+    return (LocalComm if name == "local" else BACKENDS[name])(d, hidden, max_tokens, dtype)
+
+
+def fused_available(d: Dist):
+    """(whether the fused kernel can run between these ranks, why not)."""
+    if d.device.type != "cuda":
+        return False, "no CUDA device"
+    if torch.cuda.get_device_capability(d.device)[0] != 9:
+        return False, f"{torch.cuda.get_device_name(d.device)} is not a Hopper GPU (sm_90)"
+    import build_ext
+    ok, why = build_ext.available()
+    if not ok:
+        return False, why
+    if d.local_world != d.world:
+        return False, "the fused kernel needs all ranks on one NVLink host"
+    base = d.device.index - d.local_rank
+    peers = [base + i for i in range(d.local_world) if i != d.local_rank]
+    if not all(torch.cuda.can_device_access_peer(d.device.index, p) for p in peers):
+        return False, "no NVLink/P2P access between the GPUs"
+    return True, ""
+
+
+def load_ext(d: Dist):
+    """The compiled kernels where they can be built (Hopper + nvcc), else None: torch fallbacks."""
+    if d.device.type != "cuda":
+        return None
+    import build_ext
+    if not build_ext.available()[0]:
+        return None
+    try:
+        return build_ext.load()
+    except build_ext.BuildError as e:
+        if d.rank == 0:
+            warnings.warn(f"{e}; using torch ops for add + RMSNorm", stacklevel=2)
+        return None
