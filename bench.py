@@ -310,7 +310,6 @@ def cmd_decode(args, d, env):
                          f"{hs['median_ms']:.2f}"]
                 say(d, f"  batch {B} context {ctx} {mode}: {st['median_ms']:.2f} ms (floor {floor:.2f}), host {hs['median_ms']:.2f} ms")
                 del runner
-                model.allocate_cache(1, 1)          # the next runner's cache must not sit beside this one
                 if d.device.type == "cuda":
                     torch.cuda.empty_cache()
             rows.append(row)
