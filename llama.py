@@ -275,9 +275,8 @@ class Attention(nn.Module):
         Elsewhere (CPU), the same through SDPA over the gathered rows."""
         B = q.shape[0]
         if q.is_cuda:
-            cum_q = torch.arange(B + 1, dtype=torch.int32, device=q.device)   # one query each
             return torch.ops.aten._flash_attention_forward(
-                q, self.k_cache, self.v_cache, cum_q, batch.kv_starts, 1, self.max_len, 0.0, False, False,
+                q, self.k_cache, self.v_cache, batch.q_starts, batch.kv_starts, 1, self.max_len, 0.0, False, False,
                 seqused_k=batch.ctx_lens)[0]                                   # (B, nh, hd)
         L = max(start + 1 for _, start, _ in batch.seqs[:B])
         rows = batch.kv_starts[:B, None] + torch.arange(L, device=q.device)    # (B, L)

@@ -42,6 +42,7 @@ class Batch:
     last_rows: torch.Tensor  # (sequences that end here,) row of each one's last token
     ctx_lens: torch.Tensor   # (n_single,) context length of each single-token sequence
     kv_starts: torch.Tensor  # (n_single + 1,) first cache row of each one (the last entry unused)
+    q_starts: torch.Tensor   # (n_single + 1,) 0, 1, ..., n_single: where each one's query is
 
     @staticmethod
     def layout(seqs, token_ids, max_len: int) -> torch.Tensor:
@@ -66,8 +67,10 @@ class Batch:
     def view(cls, seqs, data: torch.Tensor) -> "Batch":
         """The Batch of seqs over `data`, laid out by `layout` (on the device)."""
         T, single = sum(n for _, _, n in seqs), count_single(seqs)
+        # q_starts never changes for a given size, so it is no part of the layout a step copies.
+        q_starts = torch.arange(single + 1, dtype=torch.int32, device=data.device)
         return cls(list(seqs), data[0, :T], data[1, :T], data[2, :T], data[3, :len(seqs)],
-                   data[4, :single], data[5, :single + 1])
+                   data[4, :single], data[5, :single + 1], q_starts)
 
     @classmethod
     def make(cls, seqs, token_ids, device, max_len: int) -> "Batch":
@@ -99,7 +102,7 @@ class Batch:
         s = count_single(a)
         half = lambda lo, hi, seqs, last, s0, s1: Batch(
             seqs, self.tokens[lo:hi], self.positions[lo:hi], self.kv_rows[lo:hi], last,
-            self.ctx_lens[s0:s1], self.kv_starts[s0:s1 + 1])
+            self.ctx_lens[s0:s1], self.kv_starts[s0:s1 + 1], self.q_starts[:s1 - s0 + 1])
         return (half(0, S, a, self.last_rows[:ends], 0, s),
                 half(S, self.T, b, self.last_rows[ends:] - S, s, self.n_single))
 
