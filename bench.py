@@ -78,14 +78,14 @@ def slowest_rank(x: float) -> float:
     return t.item()
 
 
-def stats(ms: list) -> dict:
-    s = sorted(ms)
+def stats(values: list) -> dict:
+    s = sorted(values)
     q = lambda f: s[min(len(s) - 1, int(f * len(s)))]
-    return {"median_ms": q(0.5), "p10_ms": q(0.1), "p90_ms": q(0.9), "n": len(s)}
+    return {"median": q(0.5), "p10": q(0.1), "p90": q(0.9), "n": len(s)}
 
 
 def fmt(st: dict) -> str:
-    return f"{st['median_ms']:.3f} ({st['p10_ms']:.3f}-{st['p90_ms']:.3f})"
+    return f"{st['median']:.3f} ({st['p10']:.3f}-{st['p90']:.3f})"
 
 
 # ----------------------------------------------------------------------------- models
@@ -140,7 +140,7 @@ def cmd_model(args, d, env):
             row = {"tokens": T, "seqs": n_seqs, "split": split}
             row |= {m: stats(t) for m, t in times.items()}
             rows.append(row)
-            say(d, f"  {T:>6} tokens x {n_seqs} seqs: " + ", ".join(f"{m} {row[m]['median_ms']:.2f}" for m in args.modes))
+            say(d, f"  {T:>6} tokens x {n_seqs} seqs: " + ", ".join(f"{m} {row[m]['median']:.2f}" for m in args.modes))
     if args.trace:
         trace(weavers["weave"] if "weave" in weavers else next(iter(weavers.values())),
               prefill_batch(args.tokens[-1], 1, model.cfg.vocab, d.device, max_T), args.trace, d)
@@ -150,7 +150,7 @@ def cmd_model(args, d, env):
         head += [f"{m} / none" for m in args.modes if m != "none"]
     table = [head]
     for r in rows:
-        med = {m: r[m]["median_ms"] for m in args.modes}
+        med = {m: r[m]["median"] for m in args.modes}
         line = [r["tokens"], r["seqs"]] + [fmt(r[m]) for m in args.modes]
         line += [f"{med[base] / med[m]:.3f}x" for m in args.modes if m != base]
         if "none" in args.modes:
@@ -179,16 +179,16 @@ def cmd_kernel(args, d, env):
                     "NCCL AR + norm": lambda: nccl(0, n, res[nccl], w, 1e-5, 0)}
         variants |= {f"fused {c}": (lambda c=c: fused(0, n, res[fused], w, 1e-5, c)) for c in args.ctas}
         st = {k: stats(timed(lambda: [f() for _ in range(args.repeat)], args.iters)) for k, f in variants.items()}
-        st = {k: {**v, "median_ms": v["median_ms"] / args.repeat, "p10_ms": v["p10_ms"] / args.repeat,
-                  "p90_ms": v["p90_ms"] / args.repeat} for k, v in st.items()}
-        best = min((k for k in st if k.startswith("fused")), key=lambda k: st[k]["median_ms"])
+        st = {k: {**v, "median": v["median"] / args.repeat, "p10": v["p10"] / args.repeat,
+                  "p90": v["p90"] / args.repeat} for k, v in st.items()}
+        best = min((k for k in st if k.startswith("fused")), key=lambda k: st[k]["median"])
         mb = n * H * 2 / 1e6
-        busbw = 2 * (d.world - 1) / d.world * mb / 1e3 / (st[best]["median_ms"] / 1e3)
+        busbw = 2 * (d.world - 1) / d.world * mb / 1e3 / (st[best]["median"] / 1e3)
         rows.append({"tokens": T, "mbytes": mb, **st, "best": best, "busbw_gbps": busbw})
-        table.append([T, f"{mb:.0f}"] + [f"{st[k]['median_ms'] * 1e3:.0f}" for k in variants] +
-                     [f"{st['NCCL AR + norm']['median_ms'] / st[best]['median_ms']:.2f}x ({best.split()[1]} CTAs)",
+        table.append([T, f"{mb:.0f}"] + [f"{st[k]['median'] * 1e3:.0f}" for k in variants] +
+                     [f"{st['NCCL AR + norm']['median'] / st[best]['median']:.2f}x ({best.split()[1]} CTAs)",
                       f"{busbw:.0f} ({100 * busbw / NVLINK_GBPS:.0f}% of {NVLINK_GBPS})"])
-        say(d, f"  {T} tokens: best {best} {st[best]['median_ms'] * 1e3:.0f} us, NCCL AR {st['NCCL AR']['median_ms'] * 1e3:.0f} us")
+        say(d, f"  {T} tokens: best {best} {st[best]['median'] * 1e3:.0f} us, NCCL AR {st['NCCL AR']['median'] * 1e3:.0f} us")
     return f"comm point alone, hidden {H}, TP {d.world}, bf16, in us (median of {args.iters} x {args.repeat} calls)", table, rows
 
 
@@ -202,7 +202,7 @@ def cmd_tune(args, d, env):
     fused = comm.make_comm("fused", d, model.cfg.hidden, max_T, torch.bfloat16)
     tuning = weave.Tuning()
     weaver, plain = weave.Weaver(model, fused, "on", tuning), weave.Weaver(model, fused, "off", tuning)
-    measure = lambda w, b: stats(timed(lambda: w(b), args.iters, warmup=1))["median_ms"]
+    measure = lambda w, b: stats(timed(lambda: w(b), args.iters, warmup=1))["median"]
     table, rows = [["tokens", "offset", "attn CTAs", "mlp CTAs", "carveout", "weave ms", "fuse-only ms", "fuse CTAs"]], []
     fuse_ctas = {}
     for T in args.tokens:
@@ -254,7 +254,7 @@ def copy_bandwidth(d) -> float:
         return float("nan")
     a = torch.empty(2 ** 30, dtype=torch.uint8, device=d.device)
     b = torch.empty_like(a)
-    ms = stats(timed(lambda: b.copy_(a), 10))["median_ms"]
+    ms = stats(timed(lambda: b.copy_(a), 10))["median"]
     return 2 * a.numel() / ms / 1e6
 
 
@@ -282,6 +282,11 @@ def cmd_decode(args, d, env):
         for B in args.batches:
             floor = step_bytes(model, B, ctx) / bw / 1e6
             row, line = {"batch": B, "context": ctx, "floor_ms": floor}, [B, ctx, f"{floor:.2f}"]
+            if d.device.type == "cuda" and model.cache_bytes(B + 1, ctx + 1) > 0.9 * torch.cuda.mem_get_info()[0]:
+                say(d, f"  batch {B} context {ctx}: its KV cache ({model.cache_bytes(B + 1, ctx + 1) / 2**30:.0f} GiB) "
+                       f"does not fit beside the weights; skipped")
+                table.append(line + ["does not fit"] * (len(head) - 3))
+                continue
             backend = comm.make_comm(args.comm, d, model.cfg.hidden, B, model.norm.weight.dtype)
             for mode in modes:
                 runner = engine.Runner(weave.Weaver(model, backend, "auto", tuning), B, ctx + 1, graphs=False)
@@ -305,10 +310,10 @@ def cmd_decode(args, d, env):
                         host.append(slowest_rank((t1 - t0) * 1e3))
                         step.append(slowest_rank((t2 - t0) * 1e3))
                 st, hs = stats(step), stats(host)
-                row[mode] = {**st, "host_ms": hs["median_ms"]}
-                line += [fmt(st), f"{B / st['median_ms'] * 1e3:.0f}", f"{100 * floor / st['median_ms']:.0f}%",
-                         f"{hs['median_ms']:.2f}"]
-                say(d, f"  batch {B} context {ctx} {mode}: {st['median_ms']:.2f} ms (floor {floor:.2f}), host {hs['median_ms']:.2f} ms")
+                row[mode] = {**st, "host_ms": hs["median"]}
+                line += [fmt(st), f"{B / st['median'] * 1e3:.0f}", f"{100 * floor / st['median']:.0f}%",
+                         f"{hs['median']:.2f}"]
+                say(d, f"  batch {B} context {ctx} {mode}: {st['median']:.2f} ms (floor {floor:.2f}), host {hs['median']:.2f} ms")
                 del runner
                 if d.device.type == "cuda":
                     torch.cuda.empty_cache()
@@ -393,7 +398,7 @@ def cmd_serve(args, d, env):
                              "ref_tflops": ref_tflops, "decode_ms": dec[0], "decode_batch": dec[1], "steps": len(steps)})
                 table.append([spec, budget, mode, fmt_rate(st["output"]), fmt_rate(st["total"]),
                               f"{h:.1f} ({100 * h / ref_tflops:.0f}%)", f"{dec[0]:.2f} ({dec[1]})", len(steps)])
-                say(d, f"  {spec} budget {budget} {mode}: {st['output']['median_ms']:.1f} output tok/s")
+                say(d, f"  {spec} budget {budget} {mode}: {st['output']['median']:.1f} output tok/s")
                 del eng, w, c
     title = (f"{args.model} ({model.cfg.n_layers} layers), TP {d.world}, serving throughput: median (p10-p90) of "
              f"{args.iters} runs; reference prefill {ref_T} tokens at {ref_tflops:.1f} TFLOP/s")
@@ -406,7 +411,7 @@ def prefill_rate(model, d, tuning, T: int) -> float:
     weaver = weave.Weaver(model, comm.make_comm("auto", d, model.cfg.hidden, T, model.norm.weight.dtype), "off", tuning)
     batch = prefill_batch(T, 1, model.cfg.vocab, d.device, T)
     ms = stats(timed(lambda: weaver(batch), 3, warmup=1) if d.device.type == "cuda" else
-               cpu_timed(lambda: weaver(batch), 2))["median_ms"]
+               cpu_timed(lambda: weaver(batch), 2))["median"]
     return step_flops(model, [(engine.Sequence(0, [], 0), T)]) / ms / 1e9
 
 
@@ -420,7 +425,7 @@ def cpu_timed(fn, iters):
 
 
 def fmt_rate(st: dict) -> str:
-    return f"{st['median_ms']:.1f} ({st['p10_ms']:.1f}-{st['p90_ms']:.1f})"
+    return f"{st['median']:.1f} ({st['p10']:.1f}-{st['p90']:.1f})"
 
 
 # ----------------------------------------------------------------------------- output
@@ -469,7 +474,7 @@ def plot(rows, modes, path, title):
         return
     fig, ax = plt.subplots(figsize=(7, 4))
     for m in modes:
-        pts = [(r["tokens"], r[m]["median_ms"]) for r in rows if r["seqs"] == rows[0]["seqs"]]
+        pts = [(r["tokens"], r[m]["median"]) for r in rows if r["seqs"] == rows[0]["seqs"]]
         ax.plot(*zip(*pts), marker="o", label=m)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("prefill tokens")

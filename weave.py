@@ -295,7 +295,9 @@ class Weaver:
         self.kinds = [kind for kind, _, _ in self.stages]
 
     def split_point(self, T: int):
-        if self.mode == "off" or T < 2 or (self.mode == "auto" and T < self.tuning.threshold):
+        """Where to split a step of T tokens, or None. auto never splits a single rank: with no
+        communication to hide, two halves only cost (half-size GEMMs, twice the launches)."""
+        if self.mode == "off" or T < 2 or (self.mode == "auto" and (T < self.tuning.threshold or self.comm.d.world == 1)):
             return None
         return self.tuning.split(T, self.model.gemm_widths, self.n_sms)
 
