@@ -13,6 +13,7 @@ and computation overlap. One prompt is printed as it is generated; many are prin
 """
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -35,6 +36,10 @@ class UsageError(ValueError):
 class Parser(argparse.ArgumentParser):
     def error(self, message):   # argparse would print and exit on every rank
         raise UsageError(message)
+
+    def print_help(self, file=None):   # --help: once, not once per rank
+        if int(os.environ.get("RANK", 0)) == 0:
+            super().print_help(file)
 
 
 def positive(name):
@@ -87,15 +92,20 @@ def parse_args(argv=None):
                    "prompt, text, token_ids, timings; error for a prompt that could not run); stdout has "
                    "nothing else")
     args = p.parse_args(argv)
-    if args.temperature < 0:
-        raise UsageError(f"--temperature must be >= 0, got {args.temperature}")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise UsageError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
     if not 0 < args.top_p <= 1:
-        raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
+        raise UsageError(f"--top-p must be in (0, 1] (1 = keep all tokens), got {args.top_p}")
     if args.max_seqs > args.max_step_tokens:
         raise UsageError(f"--max-seqs ({args.max_seqs}) must not exceed --max-step-tokens ({args.max_step_tokens}): "
                          f"every running sequence decodes one token per step")
     if args.graphs == "on" and args.device == "cpu":
         raise UsageError("--graphs on needs CUDA; on the CPU use --graphs off (or auto)")
+    if args.tuning and os.path.isdir(args.tuning):
+        raise UsageError(f"--tuning {args.tuning} is a directory; give a table written by `bench.py tune`")
+    if args.tuning and not os.path.exists(args.tuning):
+        raise UsageError(f"--tuning {args.tuning} does not exist; `bench.py tune` writes one (or leave --tuning "
+                         f"out for the shipped table or the analytic model)")
     return args
 
 
@@ -106,14 +116,17 @@ def read_prompts(args) -> list:
         if os.path.isdir(f):
             raise UsageError(f"--prompts-file {f} is a directory; give a text file with one prompt per line")
         try:
-            with open(f, encoding="utf-8") as fh:
+            with open(f, encoding="utf-8-sig") as fh:   # -sig: a byte-order mark is not part of the first prompt
                 lines = [line.rstrip("\n") for line in fh if line.strip()]
         except FileNotFoundError:
             raise UsageError(f"--prompts-file {f} does not exist") from None
         except UnicodeDecodeError as e:
-            raise UsageError(f"--prompts-file {f} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+            raise UsageError(f"--prompts-file {f} is not UTF-8 text ({e.reason} at byte {e.start}); "
+                             f"save it as UTF-8") from None
+        except OSError as e:
+            raise UsageError(f"--prompts-file {f} cannot be read ({e.strerror or e})") from None
         if not lines:
-            raise UsageError(f"--prompts-file {f} has no prompts (every line is blank)")
+            raise UsageError(f"--prompts-file {f} has no prompts (every line is blank); write one prompt per line")
         prompts += lines
     if any(not s.strip() for s in prompts):
         raise UsageError("empty prompt: every --prompt needs some text")
@@ -128,7 +141,10 @@ def load_tokenizer(path: str):
     f = os.path.join(path, "tokenizer.json")
     if not os.path.exists(f):
         raise FileNotFoundError(f"no tokenizer.json in {path}: this runner needs a `tokenizers` tokenizer file")
-    return Tokenizer.from_file(f)
+    try:
+        return Tokenizer.from_file(f)
+    except Exception as e:   # the tokenizers library raises a bare Exception
+        raise ValueError(f"{f} is not a readable tokenizer ({e}); it may be truncated: download it again") from None
 
 
 def encode_prompts(tok, prompts, path: str, chat: bool) -> list:
@@ -142,10 +158,14 @@ def encode_prompts(tok, prompts, path: str, chat: bool) -> list:
         raise ValueError(f"--chat: the checkpoint in {path} has no chat template (tokenizer_config.json)")
     import jinja2
     special = lambda v: v.get("content") if isinstance(v, dict) else v
-    render = jinja2.Environment().from_string(template).render
-    texts = [render(messages=[{"role": "user", "content": p}], add_generation_prompt=True,
-                    bos_token=special(tc.get("bos_token")) or "", eos_token=special(tc.get("eos_token")) or "")
-             for p in prompts]
+    try:
+        render = jinja2.Environment().from_string(template).render
+        texts = [render(messages=[{"role": "user", "content": p}], add_generation_prompt=True,
+                        bos_token=special(tc.get("bos_token")) or "", eos_token=special(tc.get("eos_token")) or "")
+                 for p in prompts]
+    except jinja2.TemplateError as e:
+        raise ValueError(f"--chat: the chat template in {os.path.join(path, 'tokenizer_config.json')} does not "
+                         f"render ({type(e).__name__}: {e}); fix it, or leave --chat out") from None
     return [tok.encode(t, add_special_tokens=False).ids for t in texts]
 
 
@@ -243,6 +263,57 @@ class Printer:
 # ----------------------------------------------------------------------------- main
 
 
+def check_gpus(device: str):
+    """More processes on this node than GPUs: every rank sees the same numbers, so all of them fail
+    here and rank 0 says why (in init_distributed only the ranks without a GPU would fail, silently,
+    while rank 0 waited for them)."""
+    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
+        return
+    n, procs = torch.cuda.device_count(), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if n == 0:
+        raise RuntimeError("--device cuda: no CUDA GPU is visible; use --device cpu (or auto)")
+    if procs > n:
+        raise RuntimeError(f"torchrun started {procs} processes on this node but only {n} GPU{'s' * (n > 1)} "
+                           f"{'are' if n > 1 else 'is'} visible; use --nproc-per-node {n} or fewer")
+
+
+def model_path(args, d) -> str:
+    if args.model is not None:
+        return models.resolve(args.model, d)
+    try:
+        return models.resolve(None, d)
+    except OSError as e:
+        why = f"{e.strerror}: {e.filename}" if e.strerror and e.filename else str(e)
+        raise RuntimeError(f"cannot create the demo model in {models.DEMO_DIR} ({why}); set XDG_CACHE_HOME to a "
+                           f"writable directory, or pass --model") from None
+
+
+def model_config(path: str):
+    """(model file, Config) from the checkpoint's config.json, or an error that names the file."""
+    f = os.path.join(path, "config.json")
+    if not os.path.exists(f):
+        raise FileNotFoundError(f"no config.json in {path}: --model needs a checkpoint directory in HF layout "
+                                f"(config.json, *.safetensors, tokenizer.json)")
+    hf = models.read_json(path, "config.json")
+    if not isinstance(hf, dict):
+        raise ValueError(f"{f} is not a model config (a JSON object with model_type, hidden_size, ...)")
+    try:
+        return models.config(hf)
+    except (KeyError, TypeError) as e:
+        what = f"has no {e.args[0]!r}" if isinstance(e, KeyError) else f"has a value of the wrong type ({e})"
+        raise ValueError(f"{f} {what}: it is not a complete {hf.get('model_type')} config") from None
+
+
+def load_tuning(args, cfg, module, d):
+    try:
+        return weave.Tuning.load(args.tuning or weave.tuning_path(cfg, d.world),
+                                 threshold=module.Transformer.weave_threshold, required=bool(args.tuning))
+    except ValueError as e:
+        if not args.tuning:
+            raise
+        raise ValueError(f"--tuning: {e}; run `bench.py tune` again, or leave --tuning out") from None
+
+
 def sync(d) -> float:
     if d.device.type == "cuda":
         torch.cuda.synchronize()
@@ -258,16 +329,16 @@ def main(argv=None) -> int:
     try:
         args = parse_args(argv)
         prompts = read_prompts(args)
+        check_gpus(args.device)
         d = comm.init_distributed(args.device)
         comm.check_comm(args.comm, d)          # fails before minutes of loading
         log = (lambda s: print(s, file=sys.stderr, flush=True)) if d.rank == 0 else (lambda s: None)
         t0 = time.perf_counter()
-        path = models.resolve(args.model, d)
+        path = model_path(args, d)
         if args.model is None:
             log(f"no --model given: using the demo model at {path} (tiny, RANDOM weights: the text is gibberish)")
-        module, cfg = models.config(models.read_json(path, "config.json") or {"model_type": None})
-        tuning = weave.Tuning.load(args.tuning or weave.tuning_path(cfg, d.world),
-                                   threshold=module.Transformer.weave_threshold, required=bool(args.tuning))
+        module, cfg = model_config(path)
+        tuning = load_tuning(args, cfg, module, d)
         tok = load_tokenizer(path)
         ids = encode_prompts(tok, prompts, path, args.chat)
         fits = [len(p) + args.max_new_tokens for p in ids if len(p) + args.max_new_tokens <= cfg.max_positions]
@@ -289,7 +360,7 @@ def main(argv=None) -> int:
             out.finished(seq)
         out.summary(d, name, sync(d) - start)
         return 1 if out.failed else 0    # the others completed; the failed ones said why
-    except (ValueError, FileNotFoundError, ConnectionError, RuntimeError) as e:
+    except (ValueError, OSError, RuntimeError) as e:   # OSError: FileNotFoundError, ConnectionError, ...
         if (d.rank == 0) if d else rank0:
             print(f"error: {e}", file=sys.stderr, flush=True)
         return 2 if isinstance(e, UsageError) else 1
