@@ -128,6 +128,7 @@ def load(verbose: bool = False):
     _module = types.SimpleNamespace(
         fused_add_rmsnorm=_checked(module.fused_add_rmsnorm, _check_add_rmsnorm, limits),
         fused_allreduce_add_rmsnorm=_checked(module.fused_allreduce_add_rmsnorm, _check_allreduce, limits),
+        rope_kv_cache=_checked(module.rope_kv_cache, _check_rope, limits),
         limits=limits, so=module.__file__)
     return _module
 
@@ -188,6 +189,26 @@ def _check_allreduce(limits, buf, peer_bufs, multicast_ptr, peer_flags, rank, re
                            f"got {tuple(residual.shape)} and {tuple(weight.shape)}")
     if not 1 <= n_ctas <= most or timeout_s <= 0:
         raise RuntimeError(f"{op}: n_ctas must be in [1, {most}] (got {n_ctas}) and timeout_s positive")
+
+def _check_rope(limits, qkv, rope, positions, kv_rows, k_cache, v_cache):
+    op = "rope_kv_cache"
+    for name, t, dtype in [("qkv", qkv, torch.bfloat16), ("rope", rope, torch.bfloat16), ("positions", positions, torch.int32),
+                           ("kv_rows", kv_rows, torch.int32), ("k_cache", k_cache, torch.bfloat16),
+                           ("v_cache", v_cache, torch.bfloat16)]:
+        if not t.is_cuda or t.dtype != dtype or not t.is_contiguous() or t.device != qkv.device:
+            raise RuntimeError(f"{op}: {name} must be a contiguous {dtype} CUDA tensor on {qkv.device}, "
+                               f"got {t.dtype} on {t.device}, contiguous={t.is_contiguous()}")
+    if k_cache.dim() != 3 or v_cache.shape != k_cache.shape or k_cache.shape[2] % 8:
+        raise RuntimeError(f"{op}: k_cache and v_cache must be [rows, nkv, hd] alike with hd % 8 == 0, "
+                           f"got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    nkv, hd = k_cache.shape[1:]
+    T = qkv.shape[0]
+    if qkv.dim() != 2 or qkv.shape[1] % hd or qkv.shape[1] // hd <= 2 * nkv:
+        raise RuntimeError(f"{op}: qkv must be [T, (nh + 2 * {nkv}) * {hd}], got {tuple(qkv.shape)}")
+    if positions.shape != (T,) or kv_rows.shape != (T,) or rope.dim() != 3 or rope.shape[1:] != (2, hd):
+        raise RuntimeError(f"{op}: positions and kv_rows must be [{T}], rope [max_len, 2, {hd}]; got "
+                           f"{tuple(positions.shape)}, {tuple(kv_rows.shape)}, {tuple(rope.shape)}")
+
 
 def _cuda_tool(name: str) -> str:
     from torch.utils.cpp_extension import CUDA_HOME

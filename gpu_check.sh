@@ -17,7 +17,7 @@ for step in "$@"; do
     build)  run python3 build_ext.py --sass 2>&1 | tee "$OUT/build.log" ;;
     test)   run python3 -m pytest -q -rs -p no:cacheprovider -n 4 test_weave.py test_engine.py -k cuda 2>&1 | tee "$OUT/test.log"
             run python3 -m pytest -q -rs -p no:cacheprovider test_kernel.py 2>&1 | tee -a "$OUT/test.log" ;;
-    test1)  run python3 -m pytest -q -rs -p no:cacheprovider test_engine.py test_kernel.py -k "cuda or fused_add_rmsnorm" 2>&1 | tee "$OUT/test1.log" ;;
+    test1)  run python3 -m pytest -q -rs -p no:cacheprovider test_engine.py test_kernel.py test_cli.py -k "cuda or fused_add_rmsnorm or rope" 2>&1 | tee "$OUT/test1.log" ;;
     alltest) run python3 -m pytest -q -rs 2>&1 | tee "$OUT/test.log" ;;
     kernel) run launch bench.py kernel --out "$OUT/kernel.json" 2>&1 | grep --line-buffered -v "^W1" | tee "$OUT/kernel.log" ;;
     model)  run launch bench.py model --model "${MODEL:-llama-3.3-70b}" --layers "$LAYERS" --tokens "$TOKENS" \

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.bias import causal_lower_right
 
-from comm import Dist
+from comm import Dist, load_ext
 from weave import Batch
 
 # ----------------------------------------------------------------------------- config
@@ -226,29 +226,34 @@ class Attention(nn.Module):
         self.qkv = ColumnParallel(d, cfg.hidden, [q, kv, kv], bias=cfg.qkv_bias, what="attention heads")
         self.o = RowParallel(d, q, cfg.hidden, what="attention heads")
         self.cudnn_split = cudnn_split
-        self.k_cache = self.v_cache = self.rope = None
+        self.k_cache = self.v_cache = self.rope = self.ext = None
         self.max_len = 0
 
-    def allocate_cache(self, n_slots: int, max_len: int, rope: torch.Tensor):
+    def allocate_cache(self, n_slots: int, max_len: int, rope: torch.Tensor, ext):
+        """ext: the compiled kernels (bf16 on CUDA), for the fused RoPE + cache write; else None."""
         self.k_cache = torch.zeros(n_slots * max_len, self.nkv, self.hd, dtype=self.o.weight.dtype,
                                    device=self.o.weight.device)                # (slots * max_len, nkv, hd)
         self.v_cache = torch.zeros_like(self.k_cache)
-        self.rope, self.max_len = rope, max_len                                # rope shared by all layers
+        self.rope, self.max_len, self.ext = rope, max_len, ext                 # rope shared by all layers
 
     def forward(self, h, batch: Batch):
         """h (T, H): x in, this rank's partial of o_proj out."""
         T, nh, nkv, hd = h.shape[0], self.nh, self.nkv, self.hd
         qkv = self.qkv(h)                                                     # (T, (nh + 2 nkv) hd)
-        cos, sin = self.rope[batch.positions].unsqueeze(2).unbind(1)          # (T, 1, hd) each
-        qk = apply_rope(qkv[:, :(nh + nkv) * hd].view(T, nh + nkv, hd), cos, sin)   # (T, nh + nkv, hd)
-        q, k, v = qk[:, :nh], qk[:, nh:], qkv[:, (nh + nkv) * hd:].view(T, nkv, hd)
-        self.k_cache[batch.kv_rows] = k
-        self.v_cache[batch.kv_rows] = v
-        o = self.attend(q, k, v, batch)                                       # (T, nh, hd)
+        if self.ext is not None:      # one kernel: q rotated in place, k and v into the cache
+            self.ext.rope_kv_cache.unchecked(qkv, self.rope, batch.positions, batch.kv_rows, self.k_cache, self.v_cache)
+            q = qkv[:, :nh * hd].view(T, nh, hd)
+        else:
+            cos, sin = self.rope[batch.positions].unsqueeze(2).unbind(1)      # (T, 1, hd) each
+            qk = apply_rope(qkv[:, :(nh + nkv) * hd].view(T, nh + nkv, hd), cos, sin)   # (T, nh + nkv, hd)
+            q = qk[:, :nh]
+            self.k_cache[batch.kv_rows] = qk[:, nh:]
+            self.v_cache[batch.kv_rows] = qkv[:, (nh + nkv) * hd:].view(T, nkv, hd)
+        o = self.attend(q, batch)                                             # (T, nh, hd)
         self.o(o.view(T, nh * hd), out=h)
 
-    def attend(self, q, k, v, batch: Batch):
-        """q (T, nh, hd); k, v (T, nkv, hd) this step's keys and values (already in the cache)."""
+    def attend(self, q, batch: Batch):
+        """q (T, nh, hd) against the cache, which holds this step's keys and values already."""
         single = batch.n_single
         if single == batch.T:
             return self.attend_single(q, batch)
@@ -258,12 +263,11 @@ class Attention(nn.Module):
         off = single
         for slot, start, n in batch.seqs[single:]:    # prompt chunks: each against its cached prefix
             qs = q[off:off + n].transpose(0, 1)[None]                         # (1, nh, n, hd)
-            if start == 0:   # a prompt's first chunk: its keys are all in this step
-                K, V = (t[off:off + n].transpose(0, 1)[None] for t in (k, v))   # (1, nkv, n, hd)
+            rows = slice(slot * self.max_len, slot * self.max_len + start + n)
+            K, V = (c[rows].transpose(0, 1)[None] for c in (self.k_cache, self.v_cache))   # (1, nkv, start + n, hd)
+            if start == 0:   # a prompt's first chunk: plain causal attention
                 out = F.scaled_dot_product_attention(qs, K, V, is_causal=True, enable_gqa=True)
             else:
-                rows = slice(slot * self.max_len, slot * self.max_len + start + n)
-                K, V = (c[rows].transpose(0, 1)[None] for c in (self.k_cache, self.v_cache))   # (1, nkv, L, hd)
                 out = self.attend_after_prefix(qs, K, V, start)
             o[off:off + n] = out[0].transpose(0, 1)
             off += n
@@ -396,8 +400,9 @@ class Transformer(nn.Module):
             layer.attn.k_cache = layer.attn.v_cache = None
         w = self.norm.weight
         rope = rope_table(self.cfg, max_len, w.dtype, w.device)
+        ext = load_ext(self.d) if w.dtype == torch.bfloat16 and self.cfg.head_dim % 8 == 0 else None
         for layer in self.layers:
-            layer.attn.allocate_cache(n_slots, max_len, rope)
+            layer.attn.allocate_cache(n_slots, max_len, rope, ext)
 
     def cache_bytes(self, n_slots: int, max_len: int) -> int:
         """What allocate_cache takes on this rank: K and V of every layer."""

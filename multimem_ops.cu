@@ -22,6 +22,10 @@ Kernels:
   Every row is computed by exactly one rank, so all ranks end with bitwise identical x; P2P sums
   the ranks in the fixed order 0..N-1 in fp32. MULTIMEM's sum is done by the switch in fp32 and
   returned rounded to bf16, so it can differ from P2P by the rounding of the sum.
+  rope_kv_cache                     the attention prologue of a step, one launch instead of ~10:
+                                    RoPE (rotate-half, HF's bf16 rounding of each product and of
+                                    the sum) on q in place in qkv [T, (nh + 2 nkv) hd], on k into
+                                    k_cache[kv_rows[t]], and v copied into v_cache[kv_rows[t]].
 
 Build:
   JIT, as the project uses it:     python build_ext.py      (torch.utils.cpp_extension, sm_90a)
@@ -431,6 +435,63 @@ cudaError_t launch_fused_allreduce_add_rmsnorm(const Params& p, int n_ctas, cuda
   return cudaSuccess;
 }
 
+// ---------------------------------------------------------------------------------------------
+// RoPE and the KV-cache write. One CTA per token; a thread takes two neighbouring pairs (i, i+1)
+// and (i + hd/2, i + 1 + hd/2) of one head, as bf16x2 words.
+
+struct RopeParams {
+  __nv_bfloat16* qkv;              // [T, (nh + 2 nkv) hd]
+  const __nv_bfloat16* rope;       // [max_len, 2, hd]: cos, sin of every position
+  const int* positions;            // [T]
+  const int* kv_rows;              // [T]: the cache row of each token
+  __nv_bfloat16* k_cache;          // [rows, nkv, hd]
+  __nv_bfloat16* v_cache;
+  int tokens, nh, nkv, hd;
+};
+
+// transformers in bf16: q * cos + rotate_half(q) * sin, each product and the sum rounded to bf16.
+__device__ __forceinline__ float rope_one(float x, float partner, float c, float s) {
+  const float a = __bfloat162float(__float2bfloat16_rn(x * c));
+  const float b = __bfloat162float(__float2bfloat16_rn(partner * s));
+  return a + b;  // rounded by the caller's store
+}
+
+__global__ void rope_kv_cache_kernel(const RopeParams p) {
+  const int t = blockIdx.x, half = p.hd / 2, width = (p.nh + 2 * p.nkv) * p.hd;
+  __nv_bfloat16* x = p.qkv + static_cast<size_t>(t) * width;
+  const __nv_bfloat16* cs = p.rope + static_cast<size_t>(p.positions[t]) * 2 * p.hd;
+  const size_t kv = static_cast<size_t>(p.kv_rows[t]) * p.nkv * p.hd;
+  const int pairs = (p.nh + p.nkv) * half / 2;  // bf16x2 words of the first halves of q and k heads
+  for (int j = threadIdx.x; j < pairs; j += blockDim.x) {
+    const int head = 2 * j / half, i = 2 * j % half;
+    __nv_bfloat162* lo = reinterpret_cast<__nv_bfloat162*>(x + head * p.hd + i);
+    __nv_bfloat162* hi = reinterpret_cast<__nv_bfloat162*>(x + head * p.hd + i + half);
+    const float2 a = __bfloat1622float2(*lo), b = __bfloat1622float2(*hi);
+    const float2 c = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(cs + i));
+    const float2 s = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(cs + p.hd + i));
+    // rotate_half pairs x_i with -x_{i + hd/2} and x_{i + hd/2} with x_i.
+    const __nv_bfloat162 out_lo = __floats2bfloat162_rn(rope_one(a.x, -b.x, c.x, s.x), rope_one(a.y, -b.y, c.y, s.y));
+    const __nv_bfloat162 out_hi = __floats2bfloat162_rn(rope_one(b.x, a.x, c.x, s.x), rope_one(b.y, a.y, c.y, s.y));
+    if (head < p.nh) {  // q: in place
+      *lo = out_lo;
+      *hi = out_hi;
+    } else {            // k: into the cache
+      __nv_bfloat16* k = p.k_cache + kv + (head - p.nh) * p.hd;
+      *reinterpret_cast<__nv_bfloat162*>(k + i) = out_lo;
+      *reinterpret_cast<__nv_bfloat162*>(k + i + half) = out_hi;
+    }
+  }
+  const uint4* v = reinterpret_cast<const uint4*>(x + (p.nh + p.nkv) * p.hd);
+  uint4* dst = reinterpret_cast<uint4*>(p.v_cache + kv);
+  for (int j = threadIdx.x; j < p.nkv * p.hd / 8; j += blockDim.x) dst[j] = v[j];
+}
+
+cudaError_t launch_rope_kv_cache(const RopeParams& p, cudaStream_t stream) {
+  if (p.tokens < 1 || p.hd % 8 || p.nh < 1 || p.nkv < 1) return cudaErrorInvalidValue;
+  rope_kv_cache_kernel<<<p.tokens, 128, 0, stream>>>(p);
+  return cudaSuccess;
+}
+
 }  // namespace tw
 
 // ---------------------------------------------------------------------------------------------
@@ -505,6 +566,24 @@ std::string fused_allreduce_add_rmsnorm(at::Tensor buf, std::vector<int64_t> pee
                                                            c10::cuda::getCurrentCUDAStream()));
 }
 
+std::string rope_kv_cache(at::Tensor qkv, at::Tensor rope, at::Tensor positions, at::Tensor kv_rows,
+                          at::Tensor k_cache, at::Tensor v_cache) {
+  if (qkv.size(0) == 0) return "";
+  tw::RopeParams p{};
+  p.qkv = static_cast<__nv_bfloat16*>(qkv.data_ptr());
+  p.rope = static_cast<const __nv_bfloat16*>(rope.data_ptr());
+  p.positions = static_cast<const int*>(positions.data_ptr());
+  p.kv_rows = static_cast<const int*>(kv_rows.data_ptr());
+  p.k_cache = static_cast<__nv_bfloat16*>(k_cache.data_ptr());
+  p.v_cache = static_cast<__nv_bfloat16*>(v_cache.data_ptr());
+  p.tokens = static_cast<int>(qkv.size(0));
+  p.nkv = static_cast<int>(k_cache.size(1));
+  p.hd = static_cast<int>(k_cache.size(2));
+  p.nh = static_cast<int>(qkv.size(1) / p.hd) - 2 * p.nkv;
+  const c10::cuda::CUDAGuard guard(qkv.device());
+  return cuda_error("rope_kv_cache", tw::launch_rope_kv_cache(p, c10::cuda::getCurrentCUDAStream()));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -522,6 +601,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("buf"), py::arg("peer_bufs"), py::arg("multicast_ptr"), py::arg("peer_flags"),
         py::arg("rank"), py::arg("residual"), py::arg("weight"), py::arg("eps"),
         py::arg("n_ctas"), py::arg("timeout_s"));
+  m.def("rope_kv_cache", &rope_kv_cache,
+        "In place: RoPE on the q heads of qkv [T, (nh + 2 nkv) hd]; k rotated into "
+        "k_cache[kv_rows[t]] and v copied into v_cache[kv_rows[t]] ([rows, nkv, hd]); rope "
+        "[max_len, 2, hd] holds cos and sin by position; positions and kv_rows int32 [T]",
+        py::arg("qkv"), py::arg("rope"), py::arg("positions"), py::arg("kv_rows"), py::arg("k_cache"),
+        py::arg("v_cache"));
   m.def("limits", [] {
     return std::map<std::string, int>{{"max_ctas", tw::MAX_CTAS}, {"max_peers", tw::MAX_PEERS},
                                       {"max_hidden", tw::MAX_HIDDEN}};

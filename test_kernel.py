@@ -214,3 +214,30 @@ def test_fused_add_rmsnorm(T, H):
     odd = torch.zeros(2, 12, dtype=BF16, device="cuda")
     with pytest.raises(RuntimeError, match="multiple of 8"):
         ops.fused_add_rmsnorm(odd, odd.clone(), weight[:12].contiguous(), EPS)
+
+
+@pytest.mark.parametrize("T,nh,nkv,hd", [(1, 32, 8, 128), (37, 8, 2, 128), (1000, 16, 4, 64), (5, 5, 1, 8)])
+def test_rope_kv_cache(T, nh, nkv, hd):
+    """The fused RoPE + KV-cache write against the model's torch path, bit for bit: q rotated in
+    place, k rotated and v copied into their cache rows, every other row untouched."""
+    import llama
+    ops = build_ext.load()
+    g = torch.Generator("cuda").manual_seed(T * nh + hd)
+    rows, max_len = 4 * T + 3, 3 * T + 1
+    qkv = torch.randn(T, (nh + 2 * nkv) * hd, generator=g, device="cuda").to(BF16)
+    rope = (2 * torch.rand(max_len, 2, hd, generator=g, device="cuda") - 1).to(BF16)
+    positions = torch.randint(0, max_len, (T,), generator=g, device="cuda", dtype=torch.int32)
+    kv_rows = torch.randperm(rows, generator=g, device="cuda")[:T].int()
+    k_cache, v_cache = (torch.randn(rows, nkv, hd, generator=g, device="cuda").to(BF16) for _ in range(2))
+    cos, sin = rope[positions].unsqueeze(2).unbind(1)
+    qk = llama.apply_rope(qkv[:, :(nh + nkv) * hd].view(T, nh + nkv, hd), cos, sin)
+    want_k, want_v = k_cache.clone(), v_cache.clone()
+    want_k[kv_rows] = qk[:, nh:]
+    want_v[kv_rows] = qkv[:, (nh + nkv) * hd:].view(T, nkv, hd)
+    rest = qkv[:, nh * hd:].clone()
+    ops.rope_kv_cache(qkv, rope, positions, kv_rows, k_cache, v_cache)
+    assert torch.equal(qkv[:, :nh * hd].view(T, nh, hd), qk[:, :nh]), "q"
+    assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v), "cache"
+    assert torch.equal(qkv[:, nh * hd:], rest), "k and v in qkv must stay as they were"
+    with pytest.raises(RuntimeError, match="positions must be a contiguous torch.int32"):
+        ops.rope_kv_cache(qkv, rope, positions.long(), kv_rows, k_cache, v_cache)
