@@ -1,5 +1,7 @@
-"""GPU tests of multimem_ops.cu against NCCL + torch: the fused AllReduce + residual add + RMSNorm
-(p2p transport) on 2 and 4 GPUs, and the local fused add + RMSNorm on one GPU.
+"""GPU tests of multimem_ops.cu: the fused AllReduce + residual add + RMSNorm (p2p transport) on 2
+and 4 GPUs, driven through comm.FusedComm as the model drives it and checked against NCCL's sum and
+comm.add_rmsnorm_ (the reference op); on one GPU, the local fused add + RMSNorm and the RoPE +
+KV-cache kernel.
 
 Skipped, with the reason, without a Hopper GPU, nvcc, or enough GPUs. Multi-GPU tests spawn one
 process per GPU; a failure on any rank fails the test with that rank's traceback.
@@ -16,25 +18,22 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import build_ext
+import comm
 
 OK, WHY = build_ext.available()
 GPUS = torch.cuda.device_count() if OK else 0
 pytestmark = pytest.mark.skipif(not OK, reason=WHY)
 
 EPS = 1e-5
-TIMEOUT_S = 30.0  # the kernel's barrier timeout: a hang becomes a trap with a message
-MAX_CTAS = 64  # multimem_ops.cu's limit; checked against ops.limits below
-CAPACITY = 16384 * 8192  # elements of the symmetric buffer: the largest case
 BF16 = torch.bfloat16
 all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # 2.13 name
 
 
 def reference(total, residual, weight):
-    """HF semantics: r = bf16(sum + residual); x = bf16(w * bf16(r * rsqrt(mean(r^2) + eps)))."""
-    r = (total + residual.float()).to(BF16)
-    rf = r.float()
-    y = (rf * torch.rsqrt(rf.pow(2).mean(-1, keepdim=True) + EPS)).to(BF16)
-    return (weight.float() * y.float()).to(BF16), r
+    """(x, residual) of the reference op, comm.add_rmsnorm_, on the fp32 sum over ranks."""
+    x, r = torch.empty_like(residual), residual.clone()
+    comm.add_rmsnorm_(x, r, weight, EPS, s=total)
+    return x, r
 
 
 def assert_close(got, want, what):
@@ -43,40 +42,10 @@ def assert_close(got, want, what):
     torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2, msg=lambda m: f"{what}: {m}")
 
 
-class Symm:
-    """Test-only stand-in for weave.FusedComm: a symmetric bf16 buffer and our flag array."""
-
-    def __init__(self):
-        import torch.distributed._symmetric_memory as symm_mem
-        group, dev = dist.group.WORLD.group_name, torch.device("cuda", torch.cuda.current_device())
-        if torch.__version__ < (2, 11) and hasattr(symm_mem, "enable_symm_mem_for_group"):
-            symm_mem.enable_symm_mem_for_group(group)
-        self.flat = symm_mem.empty(CAPACITY, dtype=BF16, device=dev).zero_()
-        self.hdl = symm_mem.rendezvous(self.flat, group)
-        self.flags = symm_mem.empty(MAX_CTAS * dist.get_world_size(), dtype=torch.int32,
-                                    device=dev).zero_()
-        self.flags_hdl = symm_mem.rendezvous(self.flags, group)
-        torch.cuda.synchronize()  # flags are zero everywhere before any rank can signal
-        dist.barrier()
-
-    def view(self, rows, hidden, offset=0):
-        return self.flat[offset:offset + rows * hidden].view(rows, hidden)
-
-    @staticmethod
-    def peers(t, hdl):
-        """The address of t in every rank's mapping."""
-        return [base + t.data_ptr() - hdl.buffer_ptrs[hdl.rank] for base in hdl.buffer_ptrs]
-
-    def __call__(self, ops, view, residual, weight, n_ctas):
-        ops.fused_allreduce_add_rmsnorm(view, self.peers(view, self.hdl), 0,
-                                        self.peers(self.flags, self.flags_hdl), dist.get_rank(),
-                                        residual, weight, EPS, n_ctas, TIMEOUT_S)
-
-
 def make_inputs(T, H, seed):
     """Padded [Tp, H] partial (this rank's) and residual (all ranks'), and the weight."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    Tp = -(-T // world) * world
+    Tp = comm.padded(T, world)
     g = torch.Generator("cuda").manual_seed(seed)  # the same on every rank
     residual = torch.randn(Tp, H, generator=g, device="cuda").to(BF16)
     weight = (1 + 0.1 * torch.randn(H, generator=g, device="cuda")).to(BF16)
@@ -105,61 +74,79 @@ def verify(what, partial, residual, weight, x, my_residual):
     assert same, f"{what}: x is not bitwise identical on all ranks"
 
 
-def run_case(symm, ops, T, H, n_ctas, seed):
+class Comms:
+    """One comm.FusedComm per hidden size (its buffers are [2, rows, H]), made on first use: every
+    rank asks for the same sizes in the same order, as the symmetric allocation requires."""
+
+    def __init__(self, d):
+        self.d, self.comms = d, {}
+
+    def __getitem__(self, H):
+        if H not in self.comms:
+            self.comms[H] = comm.FusedComm(self.d, H, 16384 if H == 8192 else 3000, BF16)
+        return self.comms[H]
+
+
+def run_case(comms, T, H, n_ctas, seed):
     partial, residual, weight = make_inputs(T, H, seed)
-    view = symm.view(partial.shape[0], H)
-    view.copy_(partial)
+    fc, Tp = comms[H], partial.shape[0]
+    fc.bufs[0, :Tp].copy_(partial)
     mine = my_rows(residual).clone()
-    symm(ops, view, mine, weight, n_ctas)
-    verify(f"T={T} H={H} ctas={n_ctas}", partial, residual, weight, view, mine)
+    fc(0, Tp, mine, weight, EPS, n_ctas)
+    verify(f"T={T} H={H} ctas={n_ctas}", partial, residual, weight, fc.bufs[0, :Tp], mine)
 
 
 TOKENS = (1, 3, 64, 1000, 1024, 4097, 16384)
 CASES = ([(t, 8192, 8) for t in TOKENS]
-         + [(t, 8192, c) for t in (64, 4097) for c in (1, 2, 4, 16, 32, MAX_CTAS)]
+         + [(t, 8192, c) for t in (64, 4097) for c in (1, 2, 4, 16, 32, 64)]
          # 4104: idle lanes in the last warp; 12288 and 28672: 4 and 8 vectors per thread
          + [(t, h, 16) for t in (3, 1024) for h in (4096, 6144, 4104, 12288, 28672)])
 
 
-def body_cases(symm, ops):
-    world = dist.get_world_size()
+def body_cases(comms):
+    world, rank = dist.get_world_size(), dist.get_rank()
+    fc = comms[8192]
+    most = fc.ext.limits["max_ctas"]
+    assert most == 64
+
+    def call(buf, residual, n_ctas=8, weight=None):
+        weight = torch.ones(buf.shape[-1], dtype=BF16, device="cuda") if weight is None else weight
+        fc.ext.fused_allreduce_add_rmsnorm(buf, fc.peer_bufs[0], fc.multicast[0], fc.peer_flags, rank, residual,
+                                           weight, EPS, n_ctas, fc.timeout_s)
     # Argument checks run on the host before any launch, so a rejected call cannot desync ranks.
-    with pytest.raises(RuntimeError, match="multiple of 8"):
-        symm(ops, symm.view(2 * world, 4100), torch.zeros(2, 4100, dtype=BF16, device="cuda"),
-             torch.ones(4100, dtype=BF16, device="cuda"), 8)
-    ones = torch.ones(8192, dtype=BF16, device="cuda")
     zeros = torch.zeros(2, 8192, dtype=BF16, device="cuda")
+    with pytest.raises(RuntimeError, match="multiple of 8"):
+        call(torch.zeros(2 * world, 4100, dtype=BF16, device="cuda"), torch.zeros(2, 4100, dtype=BF16, device="cuda"))
     with pytest.raises(RuntimeError, match="16-byte aligned"):
-        symm(ops, symm.view(2 * world, 8192, offset=1), zeros, ones, 8)
+        call(fc.bufs.view(-1)[1:1 + 2 * world * 8192].view(2 * world, 8192), zeros)
     with pytest.raises(RuntimeError, match="multiple of the world size"):
-        symm(ops, symm.view(2 * world + 1, 8192), zeros, ones, 8)
+        call(fc.bufs[0, :2 * world + 1], zeros)
     with pytest.raises(RuntimeError, match="n_ctas"):
-        symm(ops, symm.view(2 * world, 8192), zeros, ones, MAX_CTAS + 1)
+        call(fc.bufs[0, :2 * world], zeros, most + 1)
     for i, (T, H, n_ctas) in enumerate(CASES):
-        run_case(symm, ops, T, H, n_ctas, seed=i)
+        run_case(comms, T, H, n_ctas, seed=i)
 
 
-def body_stress(symm, ops, calls=2000, every=400):
+def body_stress(comms, calls=2000, every=400):
     """Back-to-back calls of varying shapes and CTA counts, no host sync; check a few of them."""
     world = dist.get_world_size()
     rng = random.Random(1234)  # the same shapes on every rank, as the kernel requires
-    residuals = torch.zeros(CAPACITY // world, dtype=BF16, device="cuda")
+    residuals = torch.zeros(3000 * 8192 // world, dtype=BF16, device="cuda")
     unit = torch.ones(8192, dtype=BF16, device="cuda")
     saved = []
     for i in range(calls):
         T, H = rng.randint(1, 3000), rng.choice((4096, 6144, 8192))
-        n_ctas = rng.randint(1, MAX_CTAS)
-        Tp = -(-T // world) * world
-        view, mine = symm.view(Tp, H), residuals[:Tp // world * H].view(Tp // world, H)
+        n_ctas = rng.randint(1, 64)
+        Tp = comm.padded(T, world)
+        fc, mine = comms[H], residuals[:Tp // world * H].view(Tp // world, H)
         checked = i % every == every - 1
         if checked:
             inputs = make_inputs(T, H, seed=10_000 + i)
-            view.copy_(inputs[0])
+            fc.bufs[0, :Tp].copy_(inputs[0])
             mine.copy_(my_rows(inputs[1]))
-        symm(ops, view, mine, inputs[2] if checked else unit[:H], n_ctas)
+        fc(0, Tp, mine, inputs[2] if checked else unit[:H], EPS, n_ctas)
         if checked:
-            saved.append((f"call {i} T={T} H={H} ctas={n_ctas}", *inputs, view.clone(),
-                          mine.clone()))
+            saved.append((f"call {i} T={T} H={H} ctas={n_ctas}", *inputs, fc.bufs[0, :Tp].clone(), mine.clone()))
     torch.cuda.synchronize()  # returns: no call hung (a stuck barrier would have trapped)
     for args in saved:
         verify(*args)
@@ -172,9 +159,7 @@ def _worker(rank, world, port, body):
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", rank=rank, world_size=world, timeout=timedelta(seconds=120),
                             device_id=torch.device("cuda", rank))
-    ops = build_ext.load()  # built by the parent: loads from the cache
-    assert ops.limits["max_ctas"] == MAX_CTAS
-    body(Symm(), ops)
+    body(Comms(comm.Dist(rank, world, torch.device("cuda", rank), rank, world)))
     torch.cuda.synchronize()
     dist.barrier()
     dist.destroy_process_group()  # only on success: after a failure, spawn ends the others
