@@ -112,7 +112,9 @@ def buckets(max_seqs: int) -> list:
 class Runner:
     """Runs steps. Decode-only steps replay a CUDA graph of their bucket: the graph was captured
     over a Batch whose tensors are views of one static int32 buffer, and a step only copies its
-    layout into that buffer. Padding rows decode in a scratch slot that no sequence uses."""
+    layout into that buffer. Padding rows decode in a scratch slot that no sequence uses. The graphs
+    keep the addresses of the model's KV cache, which the Runner allocates: one Runner per model at a
+    time."""
 
     def __init__(self, weaver: Weaver, max_seqs: int, max_len: int, graphs: bool,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int = 0):
