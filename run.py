@@ -12,6 +12,7 @@ and computation overlap. One prompt is printed as it is generated; many are prin
 (or, with --json, one line each as it finishes), with a progress line on stderr.
 """
 import argparse
+import gc
 import json
 import math
 import os
@@ -325,41 +326,16 @@ def sync(d) -> float:
 @torch.no_grad()
 def main(argv=None) -> int:
     rank0 = int(os.environ.get("RANK", 0)) == 0
-    d = None
+    d, completed = None, False
     try:
         args = parse_args(argv)
         prompts = read_prompts(args)
         check_gpus(args.device)
         d = comm.init_distributed(args.device)
         comm.check_comm(args.comm, d)          # fails before minutes of loading
-        log = (lambda s: print(s, file=sys.stderr, flush=True)) if d.rank == 0 else (lambda s: None)
-        t0 = time.perf_counter()
-        path = model_path(args, d)
-        if args.model is None:
-            log(f"no --model given: using the demo model at {path} (tiny, RANDOM weights: the text is gibberish)")
-        module, cfg = model_config(path)
-        tuning = load_tuning(args, cfg, module, d)
-        tok = load_tokenizer(path)
-        ids = encode_prompts(tok, prompts, path, args.chat)
-        fits = [len(p) + args.max_new_tokens for p in ids if len(p) + args.max_new_tokens <= cfg.max_positions]
-        dtype = getattr(torch, cfg.dtype.replace("torch.", "")) if d.device.type == "cuda" else torch.float32
-        model = models.load(path, d, dtype, log=log)
-        eos = models.eos_ids(model, path)
-        backend = comm.make_comm(args.comm, d, cfg.hidden, args.max_step_tokens, dtype)
-        weaver = weave.Weaver(model, backend, args.weave, tuning)
-        graphs = args.graphs == "on" or (args.graphs == "auto" and d.device.type == "cuda")
-        eng = engine.Engine(weaver, args.max_seqs, args.max_step_tokens, max(fits, default=1), graphs,
-                            args.temperature, args.top_p, args.seed, log=log)
-        name = backend.name + (f"/{backend.transport}" if backend.name == "fused" else "")
-        start = sync(d)
-        load_s = start - t0
-        log(f"ready in {load_s:.1f}s: comm {name}, weave {args.weave}, graphs {'on' if graphs else 'off'}, "
-            f"{eng.max_seqs} sequences x {eng.max_len} positions")
-        out = Printer(args, prompts, tok, eos, d, load_s, start)
-        for seq in eng.generate(ids, args.max_new_tokens, eos, on_token=out.token):
-            out.finished(seq)
-        out.summary(d, name, sync(d) - start)
-        return 1 if out.failed else 0    # the others completed; the failed ones said why
+        failed = generate(args, prompts, d)
+        completed = True
+        return 1 if failed else 0    # the others completed; the failed ones said why
     except (ValueError, OSError, RuntimeError) as e:   # OSError: FileNotFoundError, ConnectionError, ...
         if (d.rank == 0) if d else rank0:
             print(f"error: {e}", file=sys.stderr, flush=True)
@@ -369,8 +345,62 @@ def main(argv=None) -> int:
             print("\ninterrupted", file=sys.stderr, flush=True)
         return 130
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        shutdown(d, completed)
+
+
+def generate(args, prompts, d) -> int:
+    """Loads the model, runs every prompt, prints the results; returns how many prompts failed.
+    Whatever holds on to the process group lives in this frame only, so it is all freed when this
+    returns (or raises), before the group is destroyed: the engine's CUDA graphs, which captured the
+    comm's collectives (NCCL's communicator cannot be torn down while a graph holds it), the comm
+    buffers in symmetric memory, the model."""
+    log = (lambda s: print(s, file=sys.stderr, flush=True)) if d.rank == 0 else (lambda s: None)
+    t0 = time.perf_counter()
+    path = model_path(args, d)
+    if args.model is None:
+        log(f"no --model given: using the demo model at {path} (tiny, RANDOM weights: the text is gibberish)")
+    module, cfg = model_config(path)
+    tuning = load_tuning(args, cfg, module, d)
+    tok = load_tokenizer(path)
+    ids = encode_prompts(tok, prompts, path, args.chat)
+    fits = [len(p) + args.max_new_tokens for p in ids if len(p) + args.max_new_tokens <= cfg.max_positions]
+    dtype = getattr(torch, cfg.dtype.replace("torch.", "")) if d.device.type == "cuda" else torch.float32
+    model = models.load(path, d, dtype, log=log)
+    eos = models.eos_ids(model, path)
+    backend = comm.make_comm(args.comm, d, cfg.hidden, args.max_step_tokens, dtype)
+    weaver = weave.Weaver(model, backend, args.weave, tuning)
+    graphs = args.graphs == "on" or (args.graphs == "auto" and d.device.type == "cuda")
+    eng = engine.Engine(weaver, args.max_seqs, args.max_step_tokens, max(fits, default=1), graphs,
+                        args.temperature, args.top_p, args.seed, log=log)
+    name = backend.name + (f"/{backend.transport}" if backend.name == "fused" else "")
+    start = sync(d)
+    load_s = start - t0
+    log(f"ready in {load_s:.1f}s: comm {name}, weave {args.weave}, graphs {'on' if graphs else 'off'}, "
+        f"{eng.max_seqs} sequences x {eng.max_len} positions")
+    out = Printer(args, prompts, tok, eos, d, load_s, start)
+    for seq in eng.generate(ids, args.max_new_tokens, eos, on_token=out.token):
+        out.finished(seq)
+    out.summary(d, name, sync(d) - start)
+    return out.failed
+
+
+def shutdown(d, completed: bool):
+    """The teardown, in order: the run's objects are gone with generate's frame (and any cycles
+    here); the GPU's queued work ends; after a run every rank completed, a barrier, so that no rank
+    destroys the communicator while a peer is still freeing its graphs; then the process group."""
+    sys.stdout.flush()
+    if not dist.is_initialized():
+        return
+    try:
+        gc.collect()
+        if d is not None and d.device.type == "cuda":
+            torch.cuda.synchronize()
+        if completed and d is not None and d.world > 1:
+            dist.barrier()
+        dist.destroy_process_group()
+    except Exception as e:     # a peer gone, a CUDA error already reported: what was printed stands
+        if (d.rank == 0) if d else int(os.environ.get("RANK", 0)) == 0:
+            print(f"warning: shutdown: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 or file and says what to do, nothing is silently ignored, no Traceback, and nothing crashes after
 success. In-process through run.main(argv) on the demo model (made once per module); torchrun only
 where ranks matter."""
+import gc
 import json
 import os
 import shutil
@@ -77,6 +78,13 @@ def test_help_says_tp_size_default_prompt_and_seed(capsys):
     assert "--nproc-per-node" in text and "tensor-parallel size" in text
     assert f"no prompt is given: {run.DEFAULT_PROMPT['demo']!r} (demo)" in text
     assert "seed of the sampler; matters only with --temperature > 0" in text
+
+
+def test_help_printed_by_rank_0_only(capsys, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(SystemExit) as e:
+        run.main(["--help"])
+    assert e.value.code == 0 and capsys.readouterr() == ("", "")
 
 
 # ----------------------------------------------------------------------------- the checkpoint
@@ -277,6 +285,31 @@ def test_ctrl_c(cli, demo, monkeypatch, where):
     assert rc == 130 and out == ""
     assert [line for line in err.splitlines() if line and not line.startswith(("loading", "loaded", "ready"))] == [
         "interrupted"], err
+
+
+@pytest.mark.parametrize("how", ["success", "ctrl-c"])
+def test_run_freed_before_process_group_destroyed(cli, demo, monkeypatch, how):
+    """Issue 13's rare abort at exit: the engine (its CUDA graphs captured the comm's collectives),
+    the comm buffers and the model must be gone before the process group is destroyed, also after
+    an error; and with every rank done, destroy follows a barrier."""
+    import llama
+    import torch.distributed as dist
+    tracked = (engine.Engine, comm.Comm, llama.Transformer)
+    calls = []
+
+    def destroy():
+        live = [type(o).__name__ for o in gc.get_objects() if issubclass(type(o), tracked)]
+        calls.append(("destroy", live))
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "destroy_process_group", destroy)
+    if how == "ctrl-c":
+        def interrupt(self, *a, **kw):
+            raise KeyboardInterrupt
+            yield
+        monkeypatch.setattr(engine.Engine, "generate", interrupt)
+    rc, _, _ = cli("--model", demo, "--prompt", "The quick brown fox", "--max-new-tokens", 2)
+    assert rc == (0 if how == "success" else 130)
+    assert calls == [("destroy", [])]
 
 
 # ----------------------------------------------------------------------------- torchrun
