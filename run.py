@@ -336,6 +336,12 @@ def main(argv=None) -> int:
         failed = generate(args, prompts, d)
         completed = True
         return 1 if failed else 0    # the others completed; the failed ones said why
+    except BrokenPipeError:     # stdout's reader left early (`run.py --json | head -1`)
+        stdout_to_devnull()
+        if (d.rank == 0) if d else rank0:
+            print("error: stdout was closed before every result was written (broken pipe)", file=sys.stderr,
+                  flush=True)
+        return 1
     except (ValueError, OSError, RuntimeError) as e:   # OSError: FileNotFoundError, ConnectionError, ...
         if (d.rank == 0) if d else rank0:
             print(f"error: {e}", file=sys.stderr, flush=True)
@@ -384,11 +390,22 @@ def generate(args, prompts, d) -> int:
     return out.failed
 
 
+def stdout_to_devnull():
+    """What is left in stdout's buffer goes nowhere, instead of failing again at exit."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (AttributeError, ValueError, OSError):   # not a real file (a test's capture)
+        pass
+
+
 def shutdown(d, completed: bool):
     """The teardown, in order: the run's objects are gone with generate's frame (and any cycles
     here); the GPU's queued work ends; after a run every rank completed, a barrier, so that no rank
     destroys the communicator while a peer is still freeing its graphs; then the process group."""
-    sys.stdout.flush()
+    try:
+        sys.stdout.flush()
+    except OSError:
+        stdout_to_devnull()
     if not dist.is_initialized():
         return
     try:

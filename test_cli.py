@@ -287,6 +287,19 @@ def test_ctrl_c(cli, demo, monkeypatch, where):
         "interrupted"], err
 
 
+def test_stdout_closed_early(cli, monkeypatch):
+    """`run.py --json | head -1`: the reader leaves; one line says so, no Traceback."""
+    class Closed:
+        def write(self, s):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            pass
+    monkeypatch.setattr(sys, "stdout", Closed())
+    line = fails(cli, "--prompt", "The quick brown fox", "--json", "--max-new-tokens", 2)
+    assert line == "error: stdout was closed before every result was written (broken pipe)"
+
+
 @pytest.mark.parametrize("how", ["success", "ctrl-c"])
 def test_run_freed_before_process_group_destroyed(cli, demo, monkeypatch, how):
     """Issue 13's rare abort at exit: the engine (its CUDA graphs captured the comm's collectives),
