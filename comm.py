@@ -225,15 +225,15 @@ def check_comm(name: str, d: Dist) -> str:
     choices = ["auto", *BACKENDS]
     if name not in choices:
         raise ValueError(f"unknown comm backend {name!r}; choose from {', '.join(choices)}")
-    if name in ("nccl", "fused") and d.device.type != "cuda":
-        raise ValueError(f"comm {name} needs CUDA GPUs; on the CPU use gloo (or auto)")
-    if name == "gloo" and d.device.type != "cpu":
-        raise ValueError("comm gloo is the CPU reference; on GPUs use fused or nccl (or auto)")
     if d.world == 1:
         if name in ("nccl", "fused", "gloo"):
             raise ValueError(f"comm {name} needs 2 or more ranks (start with torchrun --nproc-per-node N); "
                              f"a single process has no communication (use auto)")
         return "none" if name == "none" else "local"
+    if name in ("nccl", "fused") and d.device.type != "cuda":
+        raise ValueError(f"comm {name} needs CUDA GPUs; on the CPU use gloo (or auto)")
+    if name == "gloo" and d.device.type != "cpu":
+        raise ValueError("comm gloo is the CPU reference; on GPUs use fused or nccl (or auto)")
     if name == "auto":
         return "gloo" if d.device.type == "cpu" else ("fused" if fused_available(d)[0] else "nccl")
     if name == "fused" and not (ok := fused_available(d))[0]:
