@@ -361,3 +361,20 @@ def test_json_first_run_and_ttft_tp2(tmp_path):
     for x in lines:
         assert {"index", "prompt", "text", "token_ids", "ttft_s"} <= set(x) and len(x["token_ids"]) == 4
         assert 0 < x["ttft_s"] < 1.0, x
+
+
+# ----------------------------------------------------------------------------- CUDA
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graphs_same_tokens_and_streaming(capsys):
+    """On one GPU: decode from CUDA graphs gives the tokens of eager decode, for several prompts at
+    once (JSON) and for one prompt streamed as text."""
+    def tokens(*args):
+        assert run.main(["--device", "cuda", "--json", "--max-new-tokens", "24", *args]) == 0
+        return [json.loads(line)["token_ids"] for line in capsys.readouterr().out.splitlines()]
+    prompts = ["--prompt", "The quick brown fox", "--prompt", "Once upon a time there was", "--prompt", "Tensor"]
+    assert tokens(*prompts, "--graphs", "on") == tokens(*prompts, "--graphs", "off")
+    assert run.main(["--device", "cuda", "--max-new-tokens", "24", "--graphs", "on"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("--- The quick brown fox\n") and "time to first token" in out
