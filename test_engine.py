@@ -2,18 +2,16 @@
 batching equal to running it alone (TP 1, and TP 2 / 4 over gloo), sampling, and on CUDA the
 graph-replayed decode against eager steps. Run: pytest -q test_engine.py"""
 import itertools
-import os
 import random
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 import comm
 import engine
 import models
 import weave
-from test_weave import free_port, hf_llama
+from conftest import hf_llama, run_tp
 
 N_GPUS = torch.cuda.device_count()
 
@@ -156,26 +154,23 @@ def test_prompt_errors_do_not_sink_the_others(small_ckpt, alone):
     assert got[0] == (want[0], None) and got[3] == (want[1], None)
 
 
-def _tp_serve(rank, world, port, path, alone, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
-    d = comm.init_distributed("cpu")
-    try:
-        prompts, eos, _ = alone
-        results = [serve(path, d, torch.float32, s, b, prompts, eos) for s, b in [(3, 8), (10, 40)]]
-        if rank == 0:
-            torch.save(results, out)
-    finally:
-        torch.distributed.destroy_process_group()
+TP_CONFIGS = [(3, 8), (10, 40)]     # (max_seqs, budget) at TP 2 and 4
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_served_tokens_equal_alone_tp_gloo(small_ckpt, alone, tmp_path, world):
-    out = str(tmp_path / "served.pt")
-    mp.spawn(_tp_serve, (world, free_port(), small_ckpt, alone, out), nprocs=world)
-    for got in torch.load(out):
-        assert {i: o for i, (o, _) in got.items()} == alone[2]
+def serve_configs(d, path, prompts, eos):
+    """serve() under each of TP_CONFIGS (a job for run_tp)."""
+    return [serve(path, d, torch.float32, max_seqs, budget, prompts, eos) for max_seqs, budget in TP_CONFIGS]
+
+
+def test_served_tokens_equal_alone_tp_gloo(small_ckpt, alone, tmp_path):
+    """TP_CONFIGS at TP 2 and 4 over gloo (one launch per TP size): every prompt's tokens as alone."""
+    prompts, eos, want = alone
+    got = run_tp({world: [(serve_configs, (small_ckpt, prompts, eos))] for world in (2, 4)}, tmp_path)
+    for world in (2, 4):
+        served = got[world][0]
+        assert len(served) == len(TP_CONFIGS)
+        for config, result in zip(TP_CONFIGS, served):
+            assert {i: out for i, (out, _) in result.items()} == want, (world, config)
 
 
 # ----------------------------------------------------------------------------- CUDA: graphs

@@ -3,13 +3,11 @@ where 2+ GPUs are present. Run: pytest -q"""
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 import comm
 import llama
@@ -18,31 +16,11 @@ import models
 import qwen
 import run
 import weave
+from conftest import LLAMA3_ROPE, free_port, hf_family, hf_llama, run_tp
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 N_GPUS = torch.cuda.device_count()
 needs_gpus = lambda n: pytest.mark.skipif(N_GPUS < n, reason=f"needs {n} CUDA GPUs")
-LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 32}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def hf_llama(tmp, **kw):
-    """A tiny random Llama saved in HF layout by transformers; returns (path, model)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-    cfg = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=8,
-               num_key_value_heads=4, vocab_size=203, max_position_embeddings=512, rms_norm_eps=1e-5)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**(cfg | kw))).eval()
-    model.save_pretrained(tmp)
-    return str(tmp), model
-
-
 MAX_LEN = 128   # positions per KV slot in these tests
 
 
@@ -111,41 +89,18 @@ def test_llama_matches_transformers(tmp_path, kw):
 # ----------------------------------------------------------------------------- tensor parallel
 
 
-def checkpoints_logits(path, d, dtype, backend, mode):
-    """run_steps' logits of one checkpoint, or of a list of them back to back (one launch for
-    several: on CPU, starting the processes costs more than the steps)."""
+def checkpoints_logits(d, path, dtype=torch.float32, backend="auto", mode="on"):
+    """run_steps' logits of one checkpoint, or of a list of them back to back."""
     paths = [path] if isinstance(path, str) else path
     return [x for p in paths for x in run_steps(ours(p, d, dtype, backend, mode), d.device)]
 
 
-def _tp_worker(rank, world, port, path, device, dtype, backend, mode, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
-    d = comm.init_distributed(device)
-    try:
-        logits = checkpoints_logits(path, d, dtype, backend, mode)
-        gathered = [None] * world
-        torch.distributed.all_gather_object(gathered, logits)
-        if rank == 0:
-            torch.save(gathered, out)
-    finally:
-        torch.distributed.destroy_process_group()
-
-
 def tp_logits(path, world, tmp, device="cpu", dtype=torch.float32, backend="auto", mode="on"):
-    """Logits of every step at TP `world` (spawned processes); asserts all ranks agree bitwise.
-    path: a checkpoint, or a list of them (their steps' logits back to back)."""
-    out = os.path.join(tmp, f"logits-{world}-{backend}-{mode}.pt")
+    """checkpoints_logits at TP `world`: in this process at TP 1, else in one launch of `world`
+    processes whose ranks must agree bitwise."""
     if world == 1:
-        torch.save([checkpoints_logits(path, comm.Dist(device=torch.device(device)), dtype, backend, mode)], out)
-    else:
-        mp.spawn(_tp_worker, (world, free_port(), path, device, dtype, backend, mode, out), nprocs=world)
-    ranks = torch.load(out)
-    for r in ranks[1:]:
-        for a, b in zip(ranks[0], r):
-            assert torch.equal(a, b), "ranks disagree"
-    return ranks[0]
+        return checkpoints_logits(comm.Dist(device=torch.device(device)), path, dtype, backend, mode)
+    return run_tp({world: [(checkpoints_logits, (path, dtype, backend, mode))]}, tmp, device)[world][0]
 
 
 @pytest.fixture(scope="module")
@@ -158,10 +113,21 @@ def reference(ckpt, tmp_path_factory):
     return tp_logits(ckpt, 1, tmp_path_factory.mktemp("ref"), mode="off")
 
 
-@pytest.mark.parametrize("world,mode", [(2, "on"), (2, "off"), (4, "on")])
-def test_tp_gloo_matches_tp1(ckpt, reference, tmp_path, world, mode):
-    for got, want in zip(tp_logits(ckpt, world, tmp_path, mode=mode), reference):
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+def test_tp_gloo_matches_tp1(ckpt, reference, fam_ckpts, tmp_path):
+    """STEPS' logits at TP 2 and 4 over gloo against TP 1 with weave off: Llama with weave on, and off
+    at TP 2; Qwen2 and Mixtral back to back with weave on. One launch per TP size for all of them."""
+    ckpts = {"llama": (ckpt, reference),
+             "families": ([fam_ckpts[f][0] for f in FAMILIES], [x for f in FAMILIES for x in fam_ckpts[f][2]])}
+    cases = {2: [("llama", "on"), ("llama", "off"), ("families", "on")], 4: [("llama", "on"), ("families", "on")]}
+    got = run_tp({world: [(checkpoints_logits, (ckpts[what][0], torch.float32, "auto", mode)) for what, mode in c]
+                  for world, c in cases.items()}, tmp_path)
+    for world, c in cases.items():
+        for (what, mode), logits in zip(c, got[world]):
+            want = ckpts[what][1]
+            assert len(logits) == len(want)
+            for step, (g, w) in enumerate(zip(logits, want)):
+                torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5,
+                                           msg=lambda m: f"TP {world}, {what}, weave {mode}, step {step}: {m}")
 
 
 def test_weave_on_matches_off_tp1(ckpt, reference, tmp_path):
@@ -333,38 +299,6 @@ def test_demo_same_tokens_cuda(tmp_path):
 FAMILIES = ["qwen2", "mixtral"]
 
 
-def hf_family(tmp, family, edit=None, **kw):
-    """A tiny random Qwen2 or Mixtral (4 experts, top 2) saved in HF layout by transformers, eager
-    attention and experts; returns (path, model). Matrices get std 1/sqrt(fan in), so the router and
-    the argmax have clear winners that TP's last-bit differences cannot flip; transformers leaves
-    biases at zero and norms at one, so those are drawn too. edit(model) runs before saving."""
-    from transformers import MixtralConfig, MixtralForCausalLM, Qwen2Config, Qwen2ForCausalLM
-    cfg = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4,
-               vocab_size=203, max_position_embeddings=512, attn_implementation="eager") | kw
-    if family == "qwen2":
-        model = Qwen2ForCausalLM(Qwen2Config(**{"rope_theta": 1e6} | cfg))
-    else:
-        model = MixtralForCausalLM(MixtralConfig(**dict(num_local_experts=4, experts_implementation="eager") | cfg))
-        assert model.config._experts_implementation == "eager"
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(torch.rand(p.shape, generator=g) + 0.5)
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * (0.5 if p.dim() == 1 else p.shape[-1] ** -0.5))
-        if edit:
-            edit(model)
-    model.eval().save_pretrained(tmp)
-    if family == "mixtral":   # transformers 5 fuses the experts in memory (mlp.experts.gate_up_proj);
-        from safetensors import safe_open   # the checkpoint must have the hub's per-expert names
-        with safe_open(os.path.join(tmp, "model.safetensors"), "pt") as f:
-            names = set(f.keys())
-        assert {"model.layers.1.block_sparse_moe.gate.weight", "model.layers.1.block_sparse_moe.experts.3.w1.weight",
-                "model.layers.1.block_sparse_moe.experts.3.w2.weight"} <= names, sorted(names)[:20]
-    return str(tmp), model
-
-
 @pytest.fixture(scope="module")
 def fam_ckpts(tmp_path_factory):
     """family -> (checkpoint path, HF model, TP-1 weave-off logits of STEPS)"""
@@ -401,16 +335,6 @@ def test_mixtral_idle_experts_and_one_expert_takes_all(tmp_path):
         hf(torch.randint(0, 203, (1, 40), generator=torch.Generator().manual_seed(3)))
     assert len(chosen) == 2 and all(c.sort(-1).values.eq(torch.tensor([0, 1])).all() for c in chosen)
     assert_matches_hf(path, hf)
-
-
-@pytest.mark.parametrize("world", [2, 4])
-def test_families_tp_gloo_matches_tp1(fam_ckpts, tmp_path, world):
-    """Both families in one launch per TP size, weave on, against TP 1 with weave off."""
-    got = tp_logits([fam_ckpts[f][0] for f in FAMILIES], world, tmp_path, mode="on")
-    want = [(f, x) for f in FAMILIES for x in fam_ckpts[f][2]]
-    assert len(got) == len(want)
-    for g, (family, w) in zip(got, want):
-        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5, msg=lambda m: f"{family}: {m}")
 
 
 def test_family_weave_on_matches_off_tp1(fam_ckpt, tmp_path):
