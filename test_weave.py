@@ -1,5 +1,7 @@
 """Correctness of the models and the weave schedule: CPU (gloo) everywhere, CUDA (NCCL, two streams)
 where 2+ GPUs are present. Run: pytest -q"""
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -258,38 +260,54 @@ def test_config_forms():
     assert (c.hidden, c.n_layers, c.n_kv_heads, c.eos_ids, c.rope_scaling["factor"]) == (8192, 80, 8, (128001, 128008, 128009), 8.0)
 
 
-def run_cli(*args, nproc=1, cache=None, device="cpu"):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    if cache:
-        env["XDG_CACHE_HOME"] = str(cache)
-    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-port",
-                str(free_port())] if nproc > 1 else [sys.executable]
-    return subprocess.run(launcher + [os.path.join(HERE, "run.py"), "--device", device, *args], env=env,
-                          capture_output=True, text=True, timeout=300)
+PROMPTS = ["The quick brown fox", "Once upon a time there was"]
+DEMO_IN_CACHE = os.path.relpath(models.DEMO_DIR, os.path.dirname(os.path.dirname(models.DEMO_DIR)))
 
 
-def demo_tokens(cache, nproc, weave_mode, device="cpu", model=None, backend="auto"):
-    r = run_cli("--json", "--max-new-tokens", "12", "--weave", weave_mode, "--prompt", "The quick brown fox",
-                "--prompt", "Once upon a time there was", "--comm", backend, *(["--model", str(model)] if model else []),
-                nproc=nproc, cache=cache, device=device)
-    assert r.returncode == 0, r.stderr[-3000:]
-    lines = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+def cli_tokens(weave_mode, nproc=1, cache=None, device="cpu", model=None, backend="auto"):
+    """The greedy tokens (12 at most) of PROMPTS from `run.py --json`: run.main in this process at
+    TP 1, torchrun at TP > 1 with XDG_CACHE_HOME=cache. No model: the demo (models.DEMO_DIR here)."""
+    args = ["--device", device, "--json", "--max-new-tokens", "12", "--weave", weave_mode, "--comm", backend,
+            *[a for p in PROMPTS for a in ("--prompt", p)], *(["--model", str(model)] if model else [])]
+    if nproc == 1:
+        with contextlib.redirect_stdout(io.StringIO()) as out:
+            assert run.main(args) == 0      # why not: the captured stderr
+        stdout = out.getvalue()
+    else:
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", XDG_CACHE_HOME=str(cache))
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-port",
+                            str(free_port()), os.path.join(HERE, "run.py"), *args], env=env, capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        stdout = r.stdout
+    lines = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
     assert len(lines) == 2 and all(len(x["token_ids"]) >= 1 and x["ttft_s"] > 0 for x in lines)
     return [x["token_ids"] for x in lines]
 
 
-def test_demo_same_tokens_weave_and_tp(tmp_path):
-    want = demo_tokens(tmp_path, 1, "off")
-    assert os.path.exists(tmp_path / "tokenweave" / "demo-llama-v2" / "tokenizer.json")
-    for nproc, mode in [(1, "on"), (2, "on"), (2, "off")]:
-        assert demo_tokens(tmp_path, nproc, mode) == want, (nproc, mode)
+@pytest.fixture
+def demo_cache(tmp_path, monkeypatch):
+    """An empty cache directory where the first run makes the demo model: run.main looks in
+    models.DEMO_DIR, torchrun's processes through XDG_CACHE_HOME."""
+    monkeypatch.setattr(models, "DEMO_DIR", str(tmp_path / DEMO_IN_CACHE))
+    return tmp_path
+
+
+def test_demo_same_tokens_weave_and_tp(demo_cache):
+    """The demo model, made by the first run, gives the same greedy tokens at TP 1 with weave off and
+    on (in this process) and at TP 2 with weave on (torchrun, which finds the demo in the cache).
+    TP 2 with weave off: the same logits as TP 1 in test_tp_gloo_matches_tp1."""
+    want = cli_tokens("off")
+    assert os.path.exists(os.path.join(models.DEMO_DIR, "tokenizer.json"))
+    assert cli_tokens("on") == want
+    assert cli_tokens("on", nproc=2, cache=demo_cache) == want
 
 
 @needs_gpus(2)
-def test_demo_same_tokens_cuda(tmp_path):
-    want = demo_tokens(tmp_path, 1, "off", "cuda")
+def test_demo_same_tokens_cuda(demo_cache):
+    want = cli_tokens("off", device="cuda")
     for nproc, mode, backend in [(2, "on", "nccl"), (2, "off", "nccl"), (2, "on", "fused"), (2, "off", "fused")]:
-        assert demo_tokens(tmp_path, nproc, mode, "cuda", backend=backend) == want, (nproc, mode, backend)
+        assert cli_tokens(mode, nproc, demo_cache, "cuda", backend=backend) == want, (nproc, mode, backend)
 
 
 # ============================================================================= Qwen2.5 and Mixtral
@@ -355,18 +373,28 @@ def demo_dir(tmp_path_factory):
     return path
 
 
+def hf_greedy(hf, ids, n, eos):
+    """transformers' greedy continuation of ids: n tokens, or fewer ending with an EOS id."""
+    out = []
+    with torch.no_grad():
+        while len(out) < n and not (out and out[-1] in eos):
+            out.append(hf(torch.tensor([ids + out])).logits[0, -1].argmax().item())
+    return out
+
+
 @pytest.mark.parametrize("family", FAMILIES)
-def test_family_cli_same_tokens_tp(family, demo_dir, tmp_path, capsys):
-    """Greedy run.py on a tiny checkpoint with the demo's tokenizer: TP 1 with weave off (run.main in
-    this process, sparing a launch) gives the same tokens as TP 2 with weave on (torchrun)."""
+def test_family_cli_greedy_matches_transformers(family, demo_dir, tmp_path):
+    """run.py (run.main in this process) on a tiny checkpoint with the demo's tokenizer: with weave off
+    and on, the greedy tokens of transformers' model. TP > 1: test_tp_gloo_matches_tp1."""
+    from tokenizers import Tokenizer
     vocab = json.loads((demo_dir / "config.json").read_text())["vocab_size"]
-    path, _ = hf_family(tmp_path / "ckpt", family, vocab_size=vocab, bos_token_id=0, eos_token_id=1)
+    path, hf = hf_family(tmp_path / "ckpt", family, vocab_size=vocab, bos_token_id=0, eos_token_id=1)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(demo_dir / name, path)
-    assert run.main(["--model", path, "--device", "cpu", "--json", "--max-new-tokens", "12", "--weave", "off",
-                     "--prompt", "The quick brown fox", "--prompt", "Once upon a time there was"]) == 0
-    want = [json.loads(line)["token_ids"] for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
-    assert len(want) == 2 and demo_tokens(tmp_path, 2, "on", model=path) == want
+    tok = Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
+    want = [hf_greedy(hf, tok.encode(p).ids, 12, {1}) for p in PROMPTS]
+    assert cli_tokens("off", model=path) == want
+    assert cli_tokens("on", model=path) == want
 
 
 def test_qwen_rejects_sliding_window(tmp_path, capsys):
