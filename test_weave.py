@@ -179,11 +179,15 @@ def test_wave_split_is_near_half_on_tiles(T):
     assert cost(S) <= cost(round(T / 2 / 128) * 128)
 
 
-def test_split_threshold(tmp_path):
+def test_split_threshold():
+    """auto splits at TP > 1 from the threshold on, never at TP 1; on splits every step of 2+ tokens."""
     w = weave.Weaver.__new__(weave.Weaver)
     w.model, w.n_sms = type("M", (), {"gemm_widths": [1024]})(), 132
+    w.comm = type("C", (), {"d": comm.Dist(0, 2)})()
     w.mode, w.tuning = "auto", weave.Tuning(threshold=1024)
     assert w.split_point(1023) is None and w.split_point(1024) == 512
+    w.comm.d = comm.Dist()
+    assert w.split_point(100000) is None
     w.mode = "on"
     assert w.split_point(1) is None and w.split_point(2) == 1 and w.split_point(5) == 2
     w.mode = "off"
