@@ -7,6 +7,8 @@ import socket
 import torch
 import torch.multiprocessing as mp
 
+import comm
+
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 32}
 
@@ -89,7 +91,6 @@ def run_tp(runs: dict, tmp, device="cpu") -> dict:
 
 def _rank(rank, world, port, device, jobs, out):
     """One rank: every job in order; rank 0 saves all ranks' results to `out`."""
-    import comm
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     torch.set_num_threads(1)
