@@ -467,11 +467,13 @@ __global__ void rope_kv_cache_kernel(const RopeParams p) {
     __nv_bfloat162* lo = reinterpret_cast<__nv_bfloat162*>(x + head * p.hd + i);
     __nv_bfloat162* hi = reinterpret_cast<__nv_bfloat162*>(x + head * p.hd + i + half);
     const float2 a = __bfloat1622float2(*lo), b = __bfloat1622float2(*hi);
-    const float2 c = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(cs + i));
-    const float2 s = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(cs + p.hd + i));
+    // Each element reads its own cos and sin (HF's table repeats the first half, but nothing needs it to).
+    const auto at = [&](int k) { return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(cs + k)); };
+    const float2 c = at(i), s = at(p.hd + i), c2 = at(i + half), s2 = at(p.hd + i + half);
     // rotate_half pairs x_i with -x_{i + hd/2} and x_{i + hd/2} with x_i.
     const __nv_bfloat162 out_lo = __floats2bfloat162_rn(rope_one(a.x, -b.x, c.x, s.x), rope_one(a.y, -b.y, c.y, s.y));
-    const __nv_bfloat162 out_hi = __floats2bfloat162_rn(rope_one(b.x, a.x, c.x, s.x), rope_one(b.y, a.y, c.y, s.y));
+    const __nv_bfloat162 out_hi =
+        __floats2bfloat162_rn(rope_one(b.x, a.x, c2.x, s2.x), rope_one(b.y, a.y, c2.y, s2.y));
     if (head < p.nh) {  // q: in place
       *lo = out_lo;
       *hi = out_hi;
