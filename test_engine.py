@@ -204,3 +204,22 @@ def test_cuda_attention_matches_cpu(small_ckpt):
         logits.append(w(weave.Batch.make(mixed, toks(19), d.device, 64)).float().cpu())
     cpu, cuda = logits
     assert (cuda - cpu).norm() / cpu.norm() < 2e-2
+
+
+def serve_graphs_and_eager(d, path, prompts, eos, backend):
+    """(tokens with decode from CUDA graphs, tokens with eager decode), bf16 on the GPUs (a run_tp job)."""
+    run = lambda graphs: serve(path, d, torch.bfloat16, 4, 16, prompts, eos, backend=backend, graphs=graphs,
+                               max_new=20)
+    return run(True), run(False)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_cuda_graph_decode_equals_eager_tp(small_ckpt, alone, tmp_path, world):
+    """TP 2 and 4 on GPUs: the fused comm op and NCCL captured in decode graphs and replayed give
+    the tokens of eager decode (the barriers keep their state on the device, the buffers never move)."""
+    if N_GPUS < world:
+        pytest.skip(f"needs {world} CUDA GPUs")
+    prompts, eos, _ = alone
+    jobs = [(serve_graphs_and_eager, (small_ckpt, prompts, eos, backend)) for backend in ("fused", "nccl")]
+    for backend, (graphs, eager) in zip(("fused", "nccl"), run_tp({world: jobs}, tmp_path, device="cuda")[world]):
+        assert graphs == eager, backend
