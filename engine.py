@@ -177,7 +177,6 @@ class Engine:
         self.max_len, self.context = max_len, model.cfg.max_positions
         self.scheduler = Scheduler(self.max_seqs, max_step_tokens)
         self.runner = Runner(weaver, self.max_seqs, max_len, graphs, temperature, top_p, seed)
-        self.steps = 0
 
     def check(self, seq: Sequence) -> str | None:
         """Why this prompt cannot run, or None."""
@@ -210,7 +209,6 @@ class Engine:
                 s.t_admit = s.t_admit or start
             tokens = [t for s, n in step for t in s.next_tokens(n)]
             nxt = self.runner.step([(s.slot, s.cached, n) for s, n in step], tokens).tolist()
-            self.steps += 1
             now = time.perf_counter()
             if on_step:
                 on_step(step, now - start)

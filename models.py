@@ -63,7 +63,7 @@ def load(spec: str, d: Dist, dtype: torch.dtype, layers: int | None = None, log=
 
 def eos_ids(model, path: str) -> set:
     """The ids that end a sequence: config.json's and generation_config.json's."""
-    gen = read_json(path, "generation_config.json").get("eos_token_id") if path not in PRESETS else None
+    gen = read_json(path, "generation_config.json").get("eos_token_id")
     return set(model.cfg.eos_ids) | set(gen if isinstance(gen, list) else [gen] if gen is not None else [])
 
 
