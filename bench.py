@@ -337,17 +337,22 @@ def workload(spec: str, vocab: int, seed: int = 0):
         raise ValueError(f"workload {spec!r}: expected NxIN/OUT, e.g. 1000x1024/128 or 1000xmixed/128") from None
 
 
-def step_flops(model, step) -> float:
-    """Matrix FLOPs of one engine step on this rank: the layers' GEMMs over its tokens, attention over
-    each chunk's context, the LM head over its sequences."""
+def step_flops(model):
+    """step -> matrix FLOPs of that engine step on this rank: the layers' GEMMs over its tokens,
+    attention over each chunk's context, the LM head over its sequences. The weights are counted
+    once here, not on every step of a timed run."""
     cfg, a = model.cfg, model.layers[0].attn
-    T = sum(n for _, n in step)
     per_token = sum(p.numel() for name, p in model.layers.named_parameters() if p.dim() >= 2 and "router" not in name)
     if hasattr(model.layers[0].mlp, "w13"):   # MoE: a token runs top_k of the experts
         moe = model.layers[0].mlp
         per_token -= len(model.layers) * (moe.w13.numel() + moe.w2.numel()) * (1 - cfg.top_k / cfg.n_experts)
-    attn = sum(4 * n * (s.cached + (n + 1) / 2) * a.hd * a.nh for s, n in step) * len(model.layers)
-    return 2 * per_token * T + attn + 2 * model.head.weight.numel() * len(step)
+    head = model.head.weight.numel()
+
+    def flops(step) -> float:
+        T = sum(n for _, n in step)
+        attn = sum(4 * n * (s.cached + (n + 1) / 2) * a.hd * a.nh for s, n in step) * len(model.layers)
+        return 2 * per_token * T + attn + 2 * head * len(step)
+    return flops
 
 
 def cmd_serve(args, d, env):
@@ -360,7 +365,8 @@ def cmd_serve(args, d, env):
     dtype = model.norm.weight.dtype
     modes = ["tp1"] if d.world == 1 else args.modes
     ref_T = min(16384, model.cfg.max_positions)
-    ref_tflops = prefill_rate(model, d, tuning, ref_T)
+    flops = step_flops(model)
+    ref_tflops = prefill_rate(model, d, tuning, ref_T, flops)
     say(d, f"  reference: {ref_T}-token prefill at {ref_tflops:.1f} TFLOP/s")
     graphs = d.device.type == "cuda" and args.graphs
     head = ["workload", "budget", "mode", "output tok/s", "total tok/s", "prefill-heavy TFLOP/s (% of ref)",
@@ -384,7 +390,7 @@ def cmd_serve(args, d, env):
                     barrier()
                     t0 = time.perf_counter()
                     done = list(eng.generate(prompts, out_len, on_step=lambda step, s: steps.append(
-                        (step_flops(model, step), sum(n for q, n in step if q.cached < len(q.prompt)), len(step), s))))
+                        (flops(step), sum(n for q, n in step if q.cached < len(q.prompt)), len(step), s))))
                     wall = slowest_rank(time.perf_counter() - t0)
                     n_out, n_in = sum(len(s.out) for s in done), sum(len(s.prompt) for s in done)
                     tput.append(n_out / wall)
@@ -405,14 +411,14 @@ def cmd_serve(args, d, env):
     return title, table, rows
 
 
-def prefill_rate(model, d, tuning, T: int) -> float:
+def prefill_rate(model, d, tuning, T: int, flops) -> float:
     """TFLOP/s of one T-token prefill, unsplit (the reference for the serve run's prompt chunks)."""
     model.allocate_cache(1, T)
     weaver = weave.Weaver(model, comm.make_comm("auto", d, model.cfg.hidden, T, model.norm.weight.dtype), "off", tuning)
     batch = prefill_batch(T, 1, model.cfg.vocab, d.device, T)
     ms = stats(timed(lambda: weaver(batch), 3, warmup=1) if d.device.type == "cuda" else
                cpu_timed(lambda: weaver(batch), 2))["median"]
-    return step_flops(model, [(engine.Sequence(0, [], 0), T)]) / ms / 1e9
+    return flops([(engine.Sequence(0, [], 0), T)]) / ms / 1e9
 
 
 def cpu_timed(fn, iters):
