@@ -129,12 +129,12 @@ def load(verbose: bool = False):
         fused_add_rmsnorm=_checked(module.fused_add_rmsnorm, _check_add_rmsnorm, limits),
         fused_allreduce_add_rmsnorm=_checked(module.fused_allreduce_add_rmsnorm, _check_allreduce, limits),
         rope_kv_cache=_checked(module.rope_kv_cache, _check_rope, limits),
-        limits=limits, so=module.__file__)
+        resident_ctas=module.resident_ctas, limits=limits, so=module.__file__)
     return _module
 
 
 # Every argument is validated here, in Python, once: the extension only unpacks and launches (on the
-# lent H200 machines its own C++ error paths crashed the process instead of reporting). The limits
+# H200 machines its own C++ error paths crashed the process instead of reporting). The limits
 # come from the extension itself (multimem_ops.cu's constants). A caller that builds its arguments
 # itself once (comm.FusedComm, per comm point) can skip the checks, a few microseconds a call, with
 # op.unchecked.

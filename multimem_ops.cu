@@ -22,6 +22,8 @@ Kernels:
   Every row is computed by exactly one rank, so all ranks end with bitwise identical x; P2P sums
   the ranks in the fixed order 0..N-1 in fp32. MULTIMEM's sum is done by the switch in fp32 and
   returned rounded to bf16, so it can differ from P2P by the rounding of the sum.
+  resident_ctas (host)              how many CTAs of the p2p kernel a GPU holds at once: ranks that
+                                    spin on each other from one GPU (comm.VirtualRanks) must all fit.
   rope_kv_cache                     the attention prologue of a step, one launch instead of ~10:
                                     RoPE (rotate-half, HF's bf16 rounding of each product and of
                                     the sum) on q in place in qkv [T, (nh + 2 nkv) hd], on k into
@@ -407,16 +409,28 @@ cudaError_t launch_fused_add_rmsnorm(const Params& p, cudaStream_t stream) {
   return cudaSuccess;
 }
 
-// Two rows in flight where the loads of both fit in registers at 1024 threads (one vector per
-// thread, at most 4 peers or multimem's single load); one row otherwise.
-template <Transport T, int NP>
-void launch_fused(const Params& p, int n_ctas, cudaStream_t stream) {
-  const dim3 grid(n_ctas), block(threads_per_block(p.nvec));
-  switch (vectors_per_thread(p.nvec)) {
-    case 1: fused_allreduce_add_rmsnorm_kernel<T, NP, 1, (NP <= 4 ? 2 : 1)><<<grid, block, 0, stream>>>(p); break;
-    case 4: fused_allreduce_add_rmsnorm_kernel<T, NP, 4, 1><<<grid, block, 0, stream>>>(p); break;
-    default: fused_allreduce_add_rmsnorm_kernel<T, NP, 8, 1><<<grid, block, 0, stream>>>(p); break;
+// The kernel instance for these sizes, handed to f: the launcher and the occupancy query share the
+// choice. Two rows in flight where the loads of both fit in registers at 1024 threads (one vector
+// per thread, at most 4 peers or multimem's single load); one row otherwise.
+template <Transport T, int NP, typename F>
+void with_fused_kernel(int nvec, F&& f) {
+  switch (vectors_per_thread(nvec)) {
+    case 1: f(fused_allreduce_add_rmsnorm_kernel<T, NP, 1, (NP <= 4 ? 2 : 1)>); break;
+    case 4: f(fused_allreduce_add_rmsnorm_kernel<T, NP, 4, 1>); break;
+    default: f(fused_allreduce_add_rmsnorm_kernel<T, NP, 8, 1>); break;
   }
+}
+
+template <typename F>
+void with_fused_kernel(const Params& p, F&& f) {
+  if (p.multicast != nullptr)
+    with_fused_kernel<Transport::MULTIMEM, 1>(p.nvec, f);
+  else if (p.n == 2)
+    with_fused_kernel<Transport::P2P, 2>(p.nvec, f);
+  else if (p.n <= 4)
+    with_fused_kernel<Transport::P2P, 4>(p.nvec, f);
+  else
+    with_fused_kernel<Transport::P2P, MAX_PEERS>(p.nvec, f);
 }
 
 // Every rank must call this with the same n_ctas, rows and nvec: CTA b meets CTA b of each peer.
@@ -424,15 +438,24 @@ cudaError_t launch_fused_allreduce_add_rmsnorm(const Params& p, int n_ctas, cuda
   if (n_ctas < 1 || n_ctas > MAX_CTAS || p.n < 2 || p.n > MAX_PEERS || p.rank < 0 ||
       p.rank >= p.n || p.rows < 1 || p.nvec < 1 || p.nvec * 8 > MAX_HIDDEN)
     return cudaErrorInvalidValue;
-  if (p.multicast != nullptr)
-    launch_fused<Transport::MULTIMEM, 1>(p, n_ctas, stream);
-  else if (p.n == 2)
-    launch_fused<Transport::P2P, 2>(p, n_ctas, stream);
-  else if (p.n <= 4)
-    launch_fused<Transport::P2P, 4>(p, n_ctas, stream);
-  else
-    launch_fused<Transport::P2P, MAX_PEERS>(p, n_ctas, stream);
+  const dim3 grid(n_ctas), block(threads_per_block(p.nvec));
+  with_fused_kernel(p, [&](auto kernel) { kernel<<<grid, block, 0, stream>>>(p); });
   return cudaSuccess;
+}
+
+// CTAs of the p2p kernel for this hidden size and world size that the current GPU holds at once
+// (occupancy x SMs): ranks that spin on each other from one GPU must all fit (comm.VirtualRanks).
+int resident_ctas(int nvec, int n) {
+  Params p{};
+  p.nvec = nvec;
+  p.n = n;
+  int per_sm = 0, device = 0, sms = 0;
+  with_fused_kernel(p, [&](auto kernel) {
+    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads_per_block(nvec), 0);
+  });
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  return per_sm * sms;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -515,7 +538,7 @@ namespace {
 
 // The bindings only unpack and launch: build_ext.py validates every argument first, in Python, with
 // messages that say what to do. They never throw and never format with iostreams; they return "" or
-// an error string that build_ext.py raises. On the lent H200 machines, both a C++ exception leaving
+// an error string that build_ext.py raises. On H200 machines with torch 2.11, both a C++ exception leaving
 // the extension and c10::str (an ostringstream) crashed the process: the number formatting resolved
 // to a copy of libstdc++'s iostream code inside this .so and faulted in its locale facet.
 std::string cuda_error(const char* op, cudaError_t e) {
@@ -609,6 +632,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "[max_len, 2, hd] holds cos and sin by position; positions and kv_rows int32 [T]",
         py::arg("qkv"), py::arg("rope"), py::arg("positions"), py::arg("kv_rows"), py::arg("k_cache"),
         py::arg("v_cache"));
+  m.def("resident_ctas", [](int64_t hidden, int64_t world) {
+    return tw::resident_ctas(static_cast<int>(hidden / 8), static_cast<int>(world));
+  }, "CTAs of the p2p fused kernel (this hidden and world size) the current GPU holds at once",
+        py::arg("hidden"), py::arg("world"));
   m.def("limits", [] {
     return std::map<std::string, int>{{"max_ctas", tw::MAX_CTAS}, {"max_peers", tw::MAX_PEERS},
                                       {"max_hidden", tw::MAX_HIDDEN}};
