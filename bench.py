@@ -1,17 +1,20 @@
 """Benchmarks and the tuner, on full-size model shapes with random weights (no checkpoint needed).
 
     torchrun --nproc-per-node 4 bench.py kernel                      # fused kernel vs NCCL, by CTAs
+    python bench.py kernel --virtual 4                               # its protocol's fixed cost, one GPU
     torchrun --nproc-per-node 4 bench.py model --model llama-3.3-70b --layers 8
+    python bench.py model --model llama-3.1-8b --modes tp1,tp1-flash # one GPU: the attention paths
     torchrun --nproc-per-node 4 bench.py tune  --model llama-3.3-70b --layers 4   # writes configs/
     python bench.py decode --model llama-3.1-8b                      # ms per decode step vs the HBM floor
     python bench.py serve --model llama-3.1-8b --workloads 1000x1024/128 --budgets 2048,8192
-    python bench.py serve --model ~/.cache/tokenweave/demo-llama-v2 --workloads 64x100/16   # CPU, tiny
+    python bench.py checkpoint /tmp/ckpt --model llama-3.1-8b        # a random-weight HF checkpoint + prompts
 
 Every figure is the median of --iters timed runs after warm-up, with the spread (10th-90th
 percentile); a run's time is the slowest rank's. Modes run interleaved, round by round, so drift
-hits them alike. Prints a Markdown table and, last, one line of JSON.
+hits them alike. Each command prints a title, a Markdown table and, last, one line of JSON.
 """
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -27,13 +30,20 @@ import comm
 import engine
 import models
 import weave
+from batch import Batch, Span
+from comm import UserError
 
-MODES = {"nccl": ("nccl", "off", True),          # baseline: NCCL all-reduce + add/RMSNorm, no split
-         "fuse-only": ("fused", "off", True),    # the fused kernel, no split
-         "weave": ("fused", "on", True),         # split + overlap + fused kernel
-         "weave-nocarve": ("fused", "on", False),  # ... with GEMMs on all SMs beside the comm
-         "weave-nccl": ("nccl", "on", True),     # split + overlap with NCCL: what overlap alone gives
-         "none": ("none", "off", True)}          # communication removed: the ideal
+# name -> how the step runs: comm backend, weave mode, GEMM carveout beside the comm, cuDNN for long prompts
+MODES = {"nccl": ("nccl", "off", True, True),           # baseline: NCCL all-reduce + add/RMSNorm, no split
+         "fuse-only": ("fused", "off", True, True),     # the fused kernel, no split
+         "weave": ("fused", "on", True, True),          # split + overlap + fused kernel
+         "weave-nocarve": ("fused", "on", False, True),  # ... with GEMMs on all SMs beside the comm
+         "weave-nccl": ("nccl", "on", True, True),      # split + overlap with NCCL: what overlap alone gives
+         "none": ("none", "off", True, True),           # communication removed: the ideal
+         "tp1": ("auto", "off", True, True),            # one GPU: the model alone
+         "tp1-flash": ("auto", "off", True, False),     # ... every attention through FlashAttention's varlen kernel
+         "tp1-split": ("auto", "on", True, True),       # ... split in two as the weave does (the second half's
+         "tp1-split-flash": ("auto", "on", True, False)}  # attention after a prefix), and with FlashAttention only
 NVLINK_GBPS = 450   # H100/H200 NVLink 4, per direction
 
 
@@ -48,21 +58,35 @@ def environment() -> dict:
             "world": dist.get_world_size() if dist.is_initialized() else 1, "commit": commit or "unknown"}
 
 
+# ----------------------------------------------------------------------------- helpers
+
+
 def timed(fn, iters: int, warmup: int = 3) -> list:
-    """ms of each call (the slowest rank's), each started together on all ranks."""
+    """ms of each call (the slowest rank's), each started together on all ranks; host clock on CPU."""
     for _ in range(warmup):
         fn()
     out = []
     for _ in range(iters):
-        torch.cuda.synchronize()
+        sync()
         barrier()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        out.append(slowest_rank(start.elapsed_time(end)))
+        t0 = time.perf_counter()
+        if torch.cuda.is_available():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            ms = start.elapsed_time(end)
+        else:
+            fn()
+            ms = (time.perf_counter() - t0) * 1e3
+        out.append(slowest_rank(ms))
     return out
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def barrier():
@@ -80,15 +104,17 @@ def slowest_rank(x: float) -> float:
 
 def stats(values: list) -> dict:
     s = sorted(values)
-    q = lambda f: s[min(len(s) - 1, int(f * len(s)))]
+    q = lambda f: s[min(len(s) - 1, int(f * len(s)))]   # noqa: E731
     return {"median": q(0.5), "p10": q(0.1), "p90": q(0.9), "n": len(s)}
 
 
-def fmt(st: dict) -> str:
-    return f"{st['median']:.3f} ({st['p10']:.3f}-{st['p90']:.3f})"
+def fmt(st: dict, digits: int = 3) -> str:
+    return f"{st['median']:.{digits}f} ({st['p10']:.{digits}f}-{st['p90']:.{digits}f})"
 
 
-# ----------------------------------------------------------------------------- models
+def say(d, *a):
+    if d.rank == 0:
+        print(*a, flush=True)
 
 
 def build_model(args, d: comm.Dist):
@@ -98,71 +124,145 @@ def build_model(args, d: comm.Dist):
 
 
 def load_tuning(args, model, d):
-    return weave.Tuning.load(args.tuning or weave.tuning_path(model.cfg, d.world), model.weave_threshold,
-                             required=bool(args.tuning))
+    return weave.Tuning.load(args.tuning or weave.tuning_path(model.cfg, d.world), required=bool(args.tuning))
 
 
-def prefill_batch(T: int, n_seqs: int, vocab: int, device, max_len: int) -> weave.Batch:
-    """T tokens as n_seqs sequences of (nearly) equal length, each in its own cache slot."""
+def prefill_spans(T: int, n_seqs: int) -> list:
+    """T tokens as n_seqs sequences of (nearly) equal length, each in its own cache range."""
     lens = [T // n_seqs + (i < T % n_seqs) for i in range(n_seqs)]
-    g = torch.Generator().manual_seed(T)
-    return weave.Batch.make([(i, 0, n) for i, n in enumerate(lens)],
-                            torch.randint(0, vocab, (T,), generator=g).tolist(), device, max_len)
+    return [Span(sum(lens[:i]), 0, n) for i, n in enumerate(lens)]
+
+
+def random_tokens(n: int, vocab: int, seed: int) -> list:
+    return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@contextlib.contextmanager
+def cudnn_attention(model, on: bool):
+    """Long prompts through cuDNN (the model's default) or FlashAttention's varlen kernel like the rest."""
+    old = [layer.attn.cudnn for layer in model.layers]
+    for layer in model.layers:
+        layer.attn.cudnn = layer.attn.cudnn and on
+    try:
+        yield
+    finally:
+        for layer, c in zip(model.layers, old):
+            layer.attn.cudnn = c
 
 
 def make_weavers(model, d, modes, max_tokens, tuning) -> dict:
     comms, out = {}, {}
     for m in modes:
-        backend, split, carveout = MODES[m]
+        backend, split, carveout, _ = MODES[m]
         if backend not in comms:
             comms[backend] = comm.make_comm(backend, d, model.cfg.hidden, max_tokens, model.norm.weight.dtype)
         out[m] = weave.Weaver(model, comms[backend], split, dataclasses.replace(tuning, carveout=carveout))
     return out
 
 
-def cmd_model(args, d, env):
+# ----------------------------------------------------------------------------- prefill: model, tune, kernel
+
+
+def cmd_model(args, d):
+    """Prefill latency by mode: one step of T tokens as --seqs sequences."""
+    if bad := [m for m in args.modes if (d.world == 1) != m.startswith("tp1")]:
+        raise UserError(f"modes {', '.join(bad)} do not run at TP {d.world}; at TP 1 use tp1, tp1-flash, tp1-split, "
+                        f"tp1-split-flash; under torchrun the others")
     model = build_model(args, d)
     tuning = load_tuning(args, model, d)
     max_T = max(args.tokens)
-    model.allocate_cache(max(args.seqs), max_T)
+    model.allocate_cache(max_T)
     weavers = make_weavers(model, d, args.modes, max_T, tuning)
+
+    def run(m, batches):
+        with cudnn_attention(model, MODES[m][3]):
+            return timed(lambda: weavers[m](batches[m]), 1, warmup=0)
     rows = []
     for T in args.tokens:
         for n_seqs in args.seqs:
-            batch = prefill_batch(T, n_seqs, model.cfg.vocab, d.device, max_T)
-            times = {m: [] for m in args.modes}
+            spans, tokens = prefill_spans(T, n_seqs), random_tokens(T, model.cfg.vocab, T)
+            batches = {m: weavers[m].batch(spans, tokens) for m in args.modes}
             for m in args.modes:                            # warm-up (and autotuning) of every mode
-                timed(lambda: weavers[m](batch), 1, warmup=2)
+                run(m, batches), run(m, batches)
+            times = {m: [] for m in args.modes}
             for _ in range(args.iters):                     # interleaved rounds
                 for m in args.modes:
-                    times[m] += timed(lambda: weavers[m](batch), 1, warmup=0)
+                    times[m] += run(m, batches)
             split = next((weavers[m].split_point(T) for m in args.modes if MODES[m][1] == "on"), None)
-            row = {"tokens": T, "seqs": n_seqs, "split": split}
-            row |= {m: stats(t) for m, t in times.items()}
+            row = {"tokens": T, "seqs": n_seqs, "split": split} | {m: stats(t) for m, t in times.items()}
             rows.append(row)
             say(d, f"  {T:>6} tokens x {n_seqs} seqs: " + ", ".join(f"{m} {row[m]['median']:.2f}" for m in args.modes))
     if args.trace:
-        trace(weavers["weave"] if "weave" in weavers else next(iter(weavers.values())),
-              prefill_batch(args.tokens[-1], 1, model.cfg.vocab, d.device, max_T), args.trace, d)
+        w = weavers.get("weave") or next(iter(weavers.values()))
+        trace(w, w.batch(prefill_spans(max_T, 1), random_tokens(max_T, model.cfg.vocab, 0)), args.trace, d)
     base = "nccl" if "nccl" in args.modes else args.modes[0]
-    head = ["tokens", "seqs"] + [f"{m} ms" for m in args.modes] + [f"{m} speedup" for m in args.modes if m != base]
+    head = ["tokens", "seqs", "split"] + [f"{m} ms" for m in args.modes] + [f"{m} speedup" for m in args.modes if m != base]
     if "none" in args.modes:
         head += [f"{m} / none" for m in args.modes if m != "none"]
     table = [head]
     for r in rows:
         med = {m: r[m]["median"] for m in args.modes}
-        line = [r["tokens"], r["seqs"]] + [fmt(r[m]) for m in args.modes]
+        line = [r["tokens"], r["seqs"], r["split"]] + [fmt(r[m]) for m in args.modes]
         line += [f"{med[base] / med[m]:.3f}x" for m in args.modes if m != base]
         if "none" in args.modes:
             line += [f"{med[m] / med['none']:.3f}" for m in args.modes if m != "none"]
         table.append(line)
+    if args.plot:
+        plot(rows, args.modes, args.plot, args.model)
     title = (f"{args.model} ({model.cfg.n_layers} layers), TP {d.world}, prefill latency in ms: median "
              f"(p10-p90) of {args.iters}; speedup over {base}")
     return title, table, rows
 
 
-def cmd_kernel(args, d, env):
-    """The comm point alone: fused (p2p) by CTA count vs NCCL all-reduce (+ add + RMSNorm)."""
+def cmd_tune(args, d):
+    """Per token count: the split offset, the attention-time and MLP-time CTA budgets, then whether
+    the overlapped GEMMs carve out the comm's SMs, by coordinate descent (each knob swept with the
+    others held), keeping the fastest; and the fuse-only CTAs. Writes configs/."""
+    model = build_model(args, d)
+    max_T = max(args.tokens)
+    model.allocate_cache(max_T)
+    fused = comm.make_comm("fused", d, model.cfg.hidden, max_T, torch.bfloat16)
+    tuning = weave.Tuning()
+    weaver, plain = weave.Weaver(model, fused, "on", tuning), weave.Weaver(model, fused, "off", tuning)
+    measure = lambda w: stats(timed(lambda: w(w.batch(spans, tokens)), args.iters, warmup=1))["median"]  # noqa: E731
+    table, rows = [["tokens", "offset", "attn CTAs", "mlp CTAs", "carveout", "weave ms", "fuse-only ms", "fuse CTAs"]], []
+    for T in args.tokens:
+        spans, tokens = prefill_spans(T, 1), random_tokens(T, model.cfg.vocab, T)
+        best = {"offset": 0, "attn_ctas": 4, "mlp_ctas": 4}
+        for knob, values in (("offset", [-256, -128, 0, 128, 256]), ("attn_ctas", args.ctas), ("mlp_ctas", args.ctas),
+                             ("carveout", [True, False])):
+            times = {}
+            for v in values:
+                tuning.table = {T: best | {knob: v}}
+                times[v] = measure(weaver)
+            best[knob] = min(times, key=times.get)
+        tuning.table = {T: best}
+        weave_ms, fuse = measure(weaver), {}
+        for c in (8, 16, 32):
+            tuning.fuse_ctas = c
+            fuse[c] = measure(plain)
+        fuse_ctas = min(fuse, key=fuse.get)
+        rows.append({"tokens": T, **best, "weave_ms": weave_ms, "fuse_only_ms": fuse[fuse_ctas], "fuse_ctas": fuse_ctas})
+        table.append([T, best["offset"], best["attn_ctas"], best["mlp_ctas"], best["carveout"], f"{weave_ms:.3f}",
+                      f"{fuse[fuse_ctas]:.3f}", fuse_ctas])
+        say(d, f"  {T}: {best}, weave {weave_ms:.2f} ms vs fuse-only {fuse[fuse_ctas]:.2f} ms")
+    wins = [r["tokens"] for r in rows if r["weave_ms"] < r["fuse_only_ms"]]
+    threshold = min((t for t in wins if all(u in wins for u in args.tokens if u >= t)), default=2 * max_T)
+    tuned = weave.Tuning(threshold=threshold, fuse_ctas=rows[0]["fuse_ctas"],
+                         table={r["tokens"]: {k: r[k] for k in ("offset", "attn_ctas", "mlp_ctas", "carveout")}
+                                for r in rows})
+    path = weave.tuning_path(model.cfg, d.world)
+    if d.rank == 0:
+        tuned.save(path, model=args.model, layers=model.cfg.n_layers, env=environment())
+    return f"tuned {args.model} at TP {d.world} ({model.cfg.n_layers} layers) -> {path}; threshold {threshold}", table, rows
+
+
+def cmd_kernel(args, d):
+    """The comm point alone: fused (p2p) by CTA count vs NCCL all-reduce (+ add + RMSNorm); with
+    --virtual N, the fused kernel's N virtual ranks on one GPU (its barriers' and phases' fixed cost)
+    beside the local add + RMSNorm of the same rows."""
+    if args.virtual:
+        return kernel_virtual(args, d)
     H, max_T = args.hidden, max(args.tokens)
     fused = comm.make_comm("fused", d, H, max_T, torch.bfloat16)
     nccl = comm.make_comm("nccl", d, H, max_T, torch.bfloat16)
@@ -178,9 +278,8 @@ def cmd_kernel(args, d, env):
         variants = {"NCCL AR": lambda: dist.all_reduce(nccl.bufs[0, :n]),
                     "NCCL AR + norm": lambda: nccl(0, n, res[nccl], w, 1e-5, 0)}
         variants |= {f"fused {c}": (lambda c=c: fused(0, n, res[fused], w, 1e-5, c)) for c in args.ctas}
-        st = {k: stats(timed(lambda: [f() for _ in range(args.repeat)], args.iters)) for k, f in variants.items()}
-        st = {k: {**v, "median": v["median"] / args.repeat, "p10": v["p10"] / args.repeat,
-                  "p90": v["p90"] / args.repeat} for k, v in st.items()}
+        st = {k: per_call(timed(lambda: [f() for _ in range(args.repeat)], args.iters), args.repeat)
+              for k, f in variants.items()}
         best = min((k for k in st if k.startswith("fused")), key=lambda k: st[k]["median"])
         mb = n * H * 2 / 1e6
         busbw = 2 * (d.world - 1) / d.world * mb / 1e3 / (st[best]["median"] / 1e3)
@@ -192,60 +291,57 @@ def cmd_kernel(args, d, env):
     return f"comm point alone, hidden {H}, TP {d.world}, bf16, in us (median of {args.iters} x {args.repeat} calls)", table, rows
 
 
-def cmd_tune(args, d, env):
-    """Per token count: the split offset, the attention-time and MLP-time CTA budgets, then whether
-    the overlapped GEMMs carve out the comm's SMs, by
-    coordinate descent (each knob swept with the others held), keeping the fastest."""
-    model = build_model(args, d)
-    max_T = max(args.tokens)
-    model.allocate_cache(1, max_T)
-    fused = comm.make_comm("fused", d, model.cfg.hidden, max_T, torch.bfloat16)
-    tuning = weave.Tuning()
-    weaver, plain = weave.Weaver(model, fused, "on", tuning), weave.Weaver(model, fused, "off", tuning)
-    measure = lambda w, b: stats(timed(lambda: w(b), args.iters, warmup=1))["median"]
-    table, rows = [["tokens", "offset", "attn CTAs", "mlp CTAs", "carveout", "weave ms", "fuse-only ms", "fuse CTAs"]], []
-    fuse_ctas = {}
+def per_call(ms: list, repeat: int) -> dict:
+    st = stats(ms)
+    return {**st, "median": st["median"] / repeat, "p10": st["p10"] / repeat, "p90": st["p90"] / repeat}
+
+
+def kernel_virtual(args, d):
+    """Kernel durations from the profiler (no launch gaps): per call, the N ranks' kernels; the
+    shortest is the one whose peers were all there when it started, i.e. the protocol's cost."""
+    N, H = args.virtual, args.hidden
+    v = comm.VirtualRanks(N, H, max(args.tokens), d.device)
+    ctas = [c for c in args.ctas if N * c <= v.resident_ctas()]
+    local = comm.LocalComm(d, H, max(args.tokens), torch.bfloat16)
+    w = torch.ones(H, dtype=torch.bfloat16, device=d.device)
+    head = ["tokens", "local add+norm us"] + [f"{c} CTAs: last to arrive us" for c in ctas] + [f"{ctas[-1]} CTAs: all N us"]
+    table, rows = [head], []
     for T in args.tokens:
-        batch = prefill_batch(T, 1, model.cfg.vocab, d.device, max_T)
-        best = {"offset": 0, "attn_ctas": 4, "mlp_ctas": 4}
-        tuning.table = {T: best}
-        for knob, values in (("offset", [-256, -128, 0, 128, 256]), ("attn_ctas", args.ctas), ("mlp_ctas", args.ctas),
-                             ("carveout", [True, False])):
-            times = {}
-            for v in values:
-                tuning.table = {T: best | {knob: v}}
-                times[v] = measure(weaver, batch)
-            best[knob] = min(times, key=times.get)
-        tuning.table = {T: best}
-        weave_ms = measure(weaver, batch)
-        fuse = {}
-        for c in (8, 16, 32):
-            tuning.fuse_ctas = c
-            fuse[c] = measure(plain, batch)
-        fuse_ctas[T] = min(fuse, key=fuse.get)
-        rows.append({"tokens": T, **best, "weave_ms": weave_ms, "fuse_only_ms": fuse[fuse_ctas[T]], "fuse_ctas": fuse_ctas[T]})
-        table.append([T, best["offset"], best["attn_ctas"], best["mlp_ctas"], best["carveout"], f"{weave_ms:.3f}",
-                      f"{fuse[fuse_ctas[T]]:.3f}", fuse_ctas[T]])
-        say(d, f"  {T}: {best}, weave {weave_ms:.2f} ms vs fuse-only {fuse[fuse_ctas[T]]:.2f} ms")
-    wins = [r["tokens"] for r in rows if r["weave_ms"] < r["fuse_only_ms"]]
-    threshold = min((t for t in wins if all(u in wins for u in args.tokens if u >= t)), default=2 * max_T)
-    small = min(args.tokens)
-    out = {"threshold": threshold, "fuse_ctas": fuse_ctas[small], "model": args.model, "layers": model.cfg.n_layers,
-           "env": env, "table": {str(r["tokens"]): {k: r[k] for k in ("offset", "attn_ctas", "mlp_ctas", "carveout")} for r in rows}}
-    path = weave.tuning_path(model.cfg, d.world)
-    if d.rank == 0:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(out, f, indent=1)
-    return f"tuned {args.model} at TP {d.world} ({model.cfg.n_layers} layers) -> {path}; threshold {threshold}", table, rows
+        n = comm.padded(T, N)
+        v.bufs[:, :n].normal_()
+        res = [torch.randn(n // N, H, device=d.device).bfloat16() for _ in range(N)]
+        loc_res = torch.randn(n, H, device=d.device).bfloat16()
+        local_us = stats([k[0] for k in kernel_us(lambda: local(0, n, loc_res, w, 1e-5, 0), 1, args.iters,
+                                                  "add_rmsnorm")])["median"]
+        row = {"tokens": T, "local_us": local_us}
+        for c in ctas:
+            per_call = kernel_us(lambda: v(n, res, w, 1e-5, c), N, args.iters, "allreduce")
+            row[c] = {"last": stats([min(k) for k in per_call]), "all": stats([max(k) for k in per_call])}
+        rows.append(row)
+        table.append([T, f"{local_us:.1f}"] + [f"{row[c]['last']['median']:.1f}" for c in ctas] +
+                     [f"{row[ctas[-1]]['all']['median']:.1f}"])
+        say(d, f"  {T} tokens: local {local_us:.1f} us, " + ", ".join(f"{c} CTAs {row[c]['last']['median']:.1f} us" for c in ctas))
+    return (f"fused kernel, {N} virtual ranks on one GPU (local memory, not NVLink), hidden {H}: kernel us per comm "
+            f"point, median of {args.iters} calls; 'last to arrive' is the rank whose peers were all running "
+            f"({v.resident_ctas()} CTAs fit at once)"), table, rows
+
+
+def kernel_us(fn, per_call: int, iters: int, name: str) -> list:
+    """[[us of each of the per_call kernels named *name* of one call] for each of iters calls]."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    sync()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        sync()
+    kernels = sorted((e.time_range.start, e.time_range.elapsed_us()) for e in prof.events()
+                     if e.device_type == torch.autograd.DeviceType.CUDA and name in e.name)
+    us = [k[1] for k in kernels]
+    return [us[i:i + per_call] for i in range(0, len(us) - per_call + 1, per_call)]
 
 
 # ----------------------------------------------------------------------------- decode and serve
-
-
-def sync(d):
-    if d.device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def copy_bandwidth(d) -> float:
@@ -264,10 +360,10 @@ def step_bytes(model, B: int, ctx: int) -> int:
     w = sum(p.numel() * p.element_size() for p in model.parameters())
     if model.head is not model.embed_tokens:
         w -= model.embed_tokens.weight.numel() * model.embed_tokens.weight.element_size()
-    return w + model.cache_bytes(B, ctx)
+    return w + model.cache_bytes(B * ctx)
 
 
-def cmd_decode(args, d, env):
+def cmd_decode(args, d):
     """ms per decode step by batch size and context, graphs on and off, against the floor: this
     rank's step bytes at the copy bandwidth measured in the same run. `host` is the time to enqueue a
     step (until the call returns), `step` until its tokens are on the host."""
@@ -282,27 +378,26 @@ def cmd_decode(args, d, env):
         for B in args.batches:
             floor = step_bytes(model, B, ctx) / bw / 1e6
             row, line = {"batch": B, "context": ctx, "floor_ms": floor}, [B, ctx, f"{floor:.2f}"]
-            if d.device.type == "cuda" and model.cache_bytes(B + 1, ctx + 1) > 0.9 * torch.cuda.mem_get_info()[0]:
-                say(d, f"  batch {B} context {ctx}: its KV cache ({model.cache_bytes(B + 1, ctx + 1) / 2**30:.0f} GiB) "
+            if d.device.type == "cuda" and model.cache_bytes(B * ctx + 1) > 0.9 * torch.cuda.mem_get_info()[0]:
+                say(d, f"  batch {B} context {ctx}: its KV cache ({model.cache_bytes(B * ctx) / 2**30:.0f} GiB) "
                        f"does not fit beside the weights; skipped")
                 table.append(line + ["does not fit"] * (len(head) - 3))
                 continue
             backend = comm.make_comm(args.comm, d, model.cfg.hidden, B, model.norm.weight.dtype)
             for mode in modes:
-                runner = engine.Runner(weave.Weaver(model, backend, "auto", tuning), B, ctx + 1, graphs=False)
+                runner = engine.Runner(weave.Weaver(model, backend, "auto", tuning), B * ctx, mode == "graphs", ctx)
                 for layer in model.layers:          # never time on zeros
                     for c in (layer.attn.k_cache, layer.attn.v_cache):
                         c.normal_(generator=g)
-                if mode == "graphs":
-                    runner.capture([B])
-                seqs = [(i, ctx - 1, 1) for i in range(B)]
-                tokens = torch.randint(0, model.cfg.vocab, (B,), generator=torch.Generator().manual_seed(B)).tolist()
+                runner.capture([B])
+                spans = [Span(i * ctx, ctx - 1, 1) for i in range(B)]
+                tokens = random_tokens(B, model.cfg.vocab, B)
                 host, step = [], []
                 for i in range(args.iters + 3):
-                    sync(d)
+                    sync()
                     barrier()
                     t0 = time.perf_counter()
-                    nxt = runner.step(seqs, tokens)
+                    nxt = runner.step(spans, tokens, list(range(B)), engine.Sampling())
                     t1 = time.perf_counter()
                     nxt.tolist()
                     t2 = time.perf_counter()
@@ -311,10 +406,11 @@ def cmd_decode(args, d, env):
                         step.append(slowest_rank((t2 - t0) * 1e3))
                 st, hs = stats(step), stats(host)
                 row[mode] = {**st, "host_ms": hs["median"]}
-                line += [fmt(st), f"{B / st['median'] * 1e3:.0f}", f"{100 * floor / st['median']:.0f}%",
+                line += [fmt(st, 2), f"{B / st['median'] * 1e3:.0f}", f"{100 * floor / st['median']:.0f}%",
                          f"{hs['median']:.2f}"]
                 say(d, f"  batch {B} context {ctx} {mode}: {st['median']:.2f} ms (floor {floor:.2f}), host {hs['median']:.2f} ms")
                 del runner
+                model.allocate_cache(0)
                 if d.device.type == "cuda":
                     torch.cuda.empty_cache()
             rows.append(row)
@@ -326,15 +422,17 @@ def cmd_decode(args, d, env):
 
 def workload(spec: str, vocab: int, seed: int = 0):
     """'NxIN/OUT': N random prompts of IN tokens, OUT new tokens each; IN may be 'mixed' (uniform in
-    [128, 2048])."""
+    [128, 2048]) or 'tail' (99% of 512 tokens, 1% of 16K)."""
     try:
         n, rest = spec.split("x", 1)
         lens, out = rest.split("/")
         rng = random.Random(seed)
-        sizes = [rng.randint(128, 2048) if lens == "mixed" else int(lens) for _ in range(int(n))]
+        pick = {"mixed": lambda i: rng.randint(128, 2048), "tail": lambda i: 16384 if i % 100 == 99 else 512}
+        sizes = [pick[lens](i) if lens in pick else int(lens) for i in range(int(n))]
         return [[rng.randrange(vocab) for _ in range(k)] for k in sizes], int(out)
-    except ValueError:
-        raise ValueError(f"workload {spec!r}: expected NxIN/OUT, e.g. 1000x1024/128 or 1000xmixed/128") from None
+    except (ValueError, KeyError):
+        raise UserError(f"workload {spec!r}: expected NxIN/OUT, e.g. 1000x1024/128, 1000xmixed/128 or "
+                        f"1000xtail/128") from None
 
 
 def step_flops(model):
@@ -355,83 +453,135 @@ def step_flops(model):
     return flops
 
 
-def cmd_serve(args, d, env):
-    """The paper's throughput setting: N prompts through the engine (chunked prefill, mixed steps),
-    per budget and mode, output and total tokens/s. Also the FLOP rate of its prefill-heavy steps
-    (half the budget or more in prompt chunks) against one 16K-token prefill, and the time of its
-    decode-only steps."""
-    model = build_model(args, d)
-    tuning = load_tuning(args, model, d)
-    dtype = model.norm.weight.dtype
+def cmd_serve(args, d):
+    """The paper's throughput setting: N prompts through engine.LLM (chunked prefill, mixed steps),
+    per budget and mode: the first run in a fresh engine (what a user's run.py gets) and warm runs,
+    output and total tokens/s. Also the FLOP rate of its prefill-heavy steps (half the budget or more
+    in prompt chunks) against one 16K-token prefill, the time of its decode-only steps, and how many
+    sequences ran per step."""
     modes = ["tp1"] if d.world == 1 else args.modes
-    ref_T = min(16384, model.cfg.max_positions)
-    flops = step_flops(model)
-    ref_tflops = prefill_rate(model, d, tuning, ref_T, flops)
-    say(d, f"  reference: {ref_T}-token prefill at {ref_tflops:.1f} TFLOP/s")
-    graphs = d.device.type == "cuda" and args.graphs
-    head = ["workload", "budget", "mode", "output tok/s", "total tok/s", "prefill-heavy TFLOP/s (% of ref)",
-            "decode-only steps: median ms (batch)", "steps"]
-    table, rows = [head], []
+    head = ["workload", "budget", "mode", "setup s", "first run output tok/s", "warm output tok/s", "warm total tok/s",
+            "prefill-heavy TFLOP/s (% of ref)", "decode-only steps: median ms (batch)", "mean running seqs", "steps"]
+    table, rows, ref = [head], [], None
     for spec in args.workloads:
-        prompts, out_len = workload(spec, model.cfg.vocab)
-        max_len = max(map(len, prompts)) + out_len
         for budget in args.budgets:
             for mode in modes:
-                backend, split, carveout = MODES.get(mode, ("auto", "auto", True))
-                c = comm.make_comm(backend, d, model.cfg.hidden, budget, dtype)
-                w = weave.Weaver(model, c, split, dataclasses.replace(tuning, carveout=carveout))
-                eng = engine.Engine(w, min(args.max_seqs, budget), budget, max_len, graphs)
-                if args.warmup:     # a tenth of the prompts: every step shape and graph once
-                    list(eng.generate(prompts[:max(len(prompts) // 10, 1)], out_len))
-                tput, total, heavy, decode = [], [], [], []
-                for _ in range(args.iters):
-                    steps = []
-                    sync(d)
-                    barrier()
-                    t0 = time.perf_counter()
-                    done = list(eng.generate(prompts, out_len, on_step=lambda step, s: steps.append(
-                        (flops(step), sum(n for q, n in step if q.cached < len(q.prompt)), len(step), s))))
-                    wall = slowest_rank(time.perf_counter() - t0)
-                    n_out, n_in = sum(len(s.out) for s in done), sum(len(s.prompt) for s in done)
-                    tput.append(n_out / wall)
-                    total.append((n_in + n_out) / wall)
-                    heavy += [(f, s) for f, pre, _, s in steps if pre >= budget / 2]
-                    decode += [(s * 1e3, b) for _, pre, b, s in steps if pre == 0]
-                st = {"output": stats(tput), "total": stats(total)}
-                h = sum(f for f, _ in heavy) / max(sum(s for _, s in heavy), 1e-9) / 1e12
-                dec = sorted(decode)[len(decode) // 2] if decode else (float("nan"), 0)
-                rows.append({"workload": spec, "budget": budget, "mode": mode, **st, "heavy_tflops": h,
-                             "ref_tflops": ref_tflops, "decode_ms": dec[0], "decode_batch": dec[1], "steps": len(steps)})
-                table.append([spec, budget, mode, fmt_rate(st["output"]), fmt_rate(st["total"]),
-                              f"{h:.1f} ({100 * h / ref_tflops:.0f}%)", f"{dec[0]:.2f} ({dec[1]})", len(steps)])
-                say(d, f"  {spec} budget {budget} {mode}: {st['output']['median']:.1f} output tok/s")
-                del eng, w, c
-    title = (f"{args.model} ({model.cfg.n_layers} layers), TP {d.world}, serving throughput: median (p10-p90) of "
-             f"{args.iters} runs; reference prefill {ref_T} tokens at {ref_tflops:.1f} TFLOP/s")
+                backend, split, carveout, _ = MODES[mode]
+                with engine.LLM(os.path.expanduser(args.model), comm=backend, weave=split, dist=d,
+                                graphs="auto" if args.graphs else "off", layers=args.layers,
+                                max_seqs=min(args.max_seqs, budget), max_step_tokens=budget) as llm:
+                    llm.weaver.tuning = dataclasses.replace(llm.weaver.tuning, carveout=carveout)
+                    if ref is None:
+                        ref = prefill_rate(llm, d)
+                        say(d, f"  reference: {ref[0]}-token prefill at {ref[1]:.1f} TFLOP/s")
+                    prompts, out_len = workload(spec, llm.model.cfg.vocab)
+                    row = serve_runs(llm, d, prompts, out_len, args.iters, budget, ref[1])
+                rows.append({"workload": spec, "budget": budget, "mode": mode, **row})
+                table.append([spec, budget, mode, f"{row['setup_s']:.1f}", f"{row['first']:.1f}", fmt_rate(row["output"]),
+                              fmt_rate(row["total"]), f"{row['heavy_tflops']:.1f} ({100 * row['heavy_tflops'] / ref[1]:.0f}%)",
+                              f"{row['decode_ms']:.2f} ({row['decode_batch']})", f"{row['running']:.1f}", row["steps"]])
+                say(d, f"  {spec} budget {budget} {mode}: first {row['first']:.1f}, warm "
+                       f"{row['output']['median']:.1f} output tok/s")
+    title = (f"{args.model}, TP {d.world}, serving throughput: the first run of a fresh engine, then the median "
+             f"(p10-p90) of {args.iters} warm runs; reference prefill {ref[0]} tokens at {ref[1]:.1f} TFLOP/s")
     return title, table, rows
 
 
-def prefill_rate(model, d, tuning, T: int, flops) -> float:
-    """TFLOP/s of one T-token prefill, unsplit (the reference for the serve run's prompt chunks)."""
-    model.allocate_cache(1, T)
-    weaver = weave.Weaver(model, comm.make_comm("auto", d, model.cfg.hidden, T, model.norm.weight.dtype), "off", tuning)
-    batch = prefill_batch(T, 1, model.cfg.vocab, d.device, T)
-    ms = stats(timed(lambda: weaver(batch), 3, warmup=1) if d.device.type == "cuda" else
-               cpu_timed(lambda: weaver(batch), 2))["median"]
-    return flops([(engine.Sequence(0, [], 0), T)]) / ms / 1e9
-
-
-def cpu_timed(fn, iters):
-    out = []
-    for _ in range(iters):
+def serve_runs(llm, d, prompts, out_len: int, iters: int, budget: int, ref_tflops: float) -> dict:
+    flops = step_flops(llm.model)
+    sync()
+    t0 = time.perf_counter()
+    llm.prepare(prompts, out_len)          # what run.py does before its ready line: pool, graphs
+    sync()
+    setup = time.perf_counter() - t0
+    runs = []
+    for _ in range(iters + 1):              # the first run, then the warm ones
+        steps = []
+        sync()
+        barrier()
         t0 = time.perf_counter()
-        fn()
-        out.append((time.perf_counter() - t0) * 1e3)
-    return out
+        done = list(llm.generate(prompts, out_len, on_step=lambda step, s: steps.append(
+            (flops(step), sum(n for q, n in step if q.cached < len(q.prompt)), len(step), s))))
+        wall = slowest_rank(time.perf_counter() - t0)
+        n_out, n_in = sum(len(s.out) for s in done), sum(len(s.prompt) for s in done)
+        runs.append((n_out / wall, (n_in + n_out) / wall, steps))
+    warm = runs[1:] or runs
+    heavy = [(f, s) for *_, steps in warm for f, pre, _, s in steps if pre >= budget / 2]
+    decode = sorted((s * 1e3, b) for *_, steps in warm for _, pre, b, s in steps if pre == 0)
+    dec = decode[len(decode) // 2] if decode else (float("nan"), 0)
+    steps = warm[-1][2]
+    return {"setup_s": setup, "first": runs[0][0], "output": stats([r[0] for r in warm]),
+            "total": stats([r[1] for r in warm]), "ref_tflops": ref_tflops,
+            "heavy_tflops": sum(f for f, _ in heavy) / max(sum(s for _, s in heavy), 1e-9) / 1e12,
+            "decode_ms": dec[0], "decode_batch": dec[1], "running": sum(b for _, _, b, _ in steps) / max(len(steps), 1),
+            "steps": len(steps), "kv_rows": llm.engine.rows}
+
+
+def prefill_rate(llm, d):
+    """(T, TFLOP/s) of one T-token prefill, unsplit (the reference for the serve run's prompt chunks)."""
+    model = llm.model
+    T = min(16384, model.cfg.max_positions)
+    model.allocate_cache(T)
+    weaver = weave.Weaver(model, comm.make_comm(llm.comm.name if d.world > 1 else "auto", d, model.cfg.hidden, T,
+                                                model.norm.weight.dtype), "off", llm.weaver.tuning)
+    batch = weaver.batch(prefill_spans(T, 1), random_tokens(T, model.cfg.vocab, 0))
+    ms = stats(timed(lambda: weaver(batch), 3, warmup=1))["median"]
+    model.allocate_cache(0)
+    llm.engine.runner = None                # the pool was dropped: the next prepare allocates it again
+    return T, step_flops(model)([(engine.Sequence(0, [], 0), T)]) / ms / 1e9
 
 
 def fmt_rate(st: dict) -> str:
     return f"{st['median']:.1f} ({st['p10']:.1f}-{st['p90']:.1f})"
+
+
+# ----------------------------------------------------------------------------- a checkpoint to run
+
+
+DEMO_WORDS = ("the quick brown fox jumps over lazy dog tensor parallel layers end with an all-reduce fusing it "
+              "residual add and RMSNorm saves memory traffic once upon a time there was small model random weights "
+              "splits tokens of step into two halves overlaps communication one half computation other").split()
+
+
+def cmd_checkpoint(args, d):
+    """A random-weight checkpoint of a preset's shape in HF layout (safetensors shards of ~4 GB,
+    config.json, the demo's tokenizer) and a prompts file, for timing run.py end to end."""
+    from safetensors.torch import save_file
+    module, cfg = models.config(args.model)
+    out = args.dir
+    os.makedirs(out, exist_ok=True)
+    meta = models.build(module.Transformer, cfg, comm.Dist(device=torch.device("meta")), torch.bfloat16)
+    g = torch.Generator(d.device).manual_seed(0)
+    shard, shards, size, index = {}, [], 0, {}
+    for name, s in sorted(meta.loaders().items()):
+        shard[name] = (torch.ones(s.full, device=d.device) if name.endswith("norm.weight") else
+                       torch.randn(s.full, generator=g, device=d.device) * 0.02).bfloat16().cpu()
+        size += shard[name].numel() * 2
+        if size > 4 * 2**30:
+            shards.append(shard)
+            shard, size = {}, 0
+    shards.append(shard)
+    for i, tensors in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(tensors, os.path.join(out, fname), metadata={"format": "pt"})
+        index |= {name: fname for name in tensors}
+    with open(os.path.join(out, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": index}, f)
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(models.PRESETS[args.model], f, indent=1)
+    demo = models.resolve(None, d)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        with open(os.path.join(demo, name)) as src, open(os.path.join(out, name), "w") as dst:
+            dst.write(src.read())
+    tok = models.Tokenizer(out, cfg.vocab)
+    rng, words = random.Random(0), DEMO_WORDS     # words the demo's tokenizer was trained on: ~1 token each
+    per_word = len(tok.encode([" ".join(words)])[0]) / len(words)
+    with open(os.path.join(out, "prompts.txt"), "w") as f:
+        for _ in range(args.prompts):
+            f.write(" ".join(rng.choice(words) for _ in range(int(args.prompt_tokens / per_word))) + "\n")
+    lens = [len(ids) for ids in tok.encode(open(os.path.join(out, "prompts.txt")).read().splitlines()[:50])]
+    return (f"{args.model} checkpoint in {out}: {len(shards)} shards, {args.prompts} prompts of ~{sum(lens) // len(lens)} "
+            f"tokens in prompts.txt"), [["shards", "prompts"], [len(shards), args.prompts]], []
 
 
 # ----------------------------------------------------------------------------- output
@@ -441,11 +591,11 @@ def trace(weaver, batch, path: str, d):
     """A Chrome trace of one step, and on rank 0 a PNG timeline of the compute and comm streams."""
     from torch.profiler import ProfilerActivity, profile
     weaver(batch)
-    torch.cuda.synchronize()
-    dist.barrier()   # else the first comm point shows the ranks' skew as a long wait for peers
+    sync()
+    barrier()   # else the first comm point shows the ranks' skew as a long wait for peers
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         weaver(batch)
-        torch.cuda.synchronize()
+        sync()
     if d.rank:
         return
     prof.export_chrome_trace(path)
@@ -462,8 +612,8 @@ def trace(weaver, batch, path: str, d):
     fig, ax = plt.subplots(figsize=(12, 1.2 + 0.5 * len(streams)))
     for e in kernels:
         y = streams.index(e["args"]["stream"])
-        comm = any(k in e["name"] for k in ("allreduce", "AllReduce", "nccl"))
-        ax.broken_barh([((e["ts"] - t0) / 1e3, e["dur"] / 1e3)], (y - 0.4, 0.8), color="tab:red" if comm else "tab:blue")
+        is_comm = any(k in e["name"] for k in ("allreduce", "AllReduce", "nccl"))
+        ax.broken_barh([((e["ts"] - t0) / 1e3, e["dur"] / 1e3)], (y - 0.4, 0.8), color="tab:red" if is_comm else "tab:blue")
     ax.set_yticks(range(len(streams)), [f"stream {s}" for s in streams])
     ax.set_xlabel("ms (blue: compute kernels, red: comm kernels)")
     ax.set_title(f"one step, {batch.T} tokens, rank 0")
@@ -491,68 +641,91 @@ def plot(rows, modes, path, title):
     fig.savefig(path, dpi=110)
 
 
-def say(d, *a):
-    if d.rank == 0:
-        print(*a, flush=True)
-
-
-def main():
+def parse_args(argv=None):
+    ints = lambda s: [int(x) for x in s.split(",")]   # noqa: E731
+    names = lambda s: s.split(",")                    # noqa: E731
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--model", default="llama-3.3-70b", help=f"a full-size shape with random weights "
+                        f"({', '.join(models.PRESETS)}) or a checkpoint directory (default llama-3.3-70b)")
+    common.add_argument("--layers", type=int, help="run only this many layers (quick sweeps); default: all")
+    common.add_argument("--iters", type=int, default=10, help="timed iterations per figure (default 10)")
+    common.add_argument("--tuning", help="tuning table to use (default: configs/ for this GPU, model and TP)")
+    common.add_argument("--out", help="also write the JSON document to this file")
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["model", "kernel", "tune", "decode", "serve"], help="model: end-to-end "
-                   "prefill latency by mode; kernel: the comm point alone; tune: sweep split offset and CTA "
-                   "budgets, write configs/; decode: ms per decode step vs the memory floor; serve: throughput "
-                   "of many prompts through the engine")
-    ints = lambda s: [int(x) for x in s.split(",")]
-    p.add_argument("--model", default="llama-3.3-70b", help=f"a full-size shape with random weights "
-                   f"({', '.join(models.PRESETS)}) or a checkpoint directory (default llama-3.3-70b)")
-    p.add_argument("--layers", type=int, help="run only this many layers (quick sweeps); default: all")
-    p.add_argument("--tokens", type=ints, default=[1024, 2048, 4096, 8192, 16384], help="prefill token counts, comma-separated")
-    p.add_argument("--seqs", type=ints, default=[1], help="model: split each step into this many sequences (comma-separated list)")
-    p.add_argument("--modes", type=lambda s: s.split(","), default=["nccl", "fuse-only", "weave", "none"],
-                   help=f"model, serve: modes to compare, comma-separated, from {', '.join(MODES)} (serve at TP 1: one mode)")
-    p.add_argument("--ctas", type=ints, default=None, help="kernel: CTA counts (default 2,4,8,16,32); tune: budgets (default 2,4,8,16)")
-    p.add_argument("--hidden", type=int, default=8192, help="kernel: hidden size (default 8192)")
-    p.add_argument("--batches", type=ints, default=[1, 8, 32, 128], help="decode: batch sizes (default 1,8,32,128)")
-    p.add_argument("--contexts", type=ints, default=[1024, 8192], help="decode: context lengths (default 1024,8192)")
-    p.add_argument("--comm", default="auto", help="decode: comm backend (default auto)")
-    p.add_argument("--workloads", type=lambda s: s.split(","), default=["1000x1024/128", "1000xmixed/128"],
-                   help="serve: NxIN/OUT prompt sets, comma-separated; IN may be 'mixed' (128-2048)")
-    p.add_argument("--budgets", type=ints, default=[2048, 8192], help="serve: step token budgets (default 2048,8192)")
-    p.add_argument("--max-seqs", type=int, default=256, help="serve: running sequences at most (default 256)")
-    p.add_argument("--graphs", type=int, default=1, help="serve: 1 = decode steps from CUDA graphs (default), 0 = eager")
-    p.add_argument("--warmup", type=int, default=1, help="serve: first run a tenth of each workload untimed (default 1)")
-    p.add_argument("--iters", type=int, default=10, help="timed iterations per figure (default 10)")
-    p.add_argument("--repeat", type=int, default=10, help="kernel: calls per timed iteration (default 10)")
-    p.add_argument("--tuning", help="tuning table to use (default: configs/ for this GPU, model and TP)")
-    p.add_argument("--trace", help="model: write a Chrome trace of one weave step here, and a PNG timeline beside it")
-    p.add_argument("--plot", help="model: write a PNG of latency vs tokens, one line per mode")
-    p.add_argument("--out", help="also write the JSON document to this file")
-    args = p.parse_args()
-    if args.ctas is None:
-        args.ctas = [2, 4, 8, 16, 32] if args.what == "kernel" else [2, 4, 8, 16]
-    multi = args.what in ("model", "kernel", "tune")
-    if multi and not torch.cuda.is_available():
-        sys.exit(f"error: bench.py {args.what} needs CUDA GPUs (run it under torchrun, one process per GPU)")
+    sub = p.add_subparsers(dest="what", required=True, metavar="command")
+
+    def command(name, help):
+        return sub.add_parser(name, parents=[common], help=help, description=help)
+    m = command("model", "end-to-end prefill latency by mode")
+    m.add_argument("--tokens", type=ints, default=[1024, 2048, 4096, 8192, 16384], help="prefill token counts")
+    m.add_argument("--seqs", type=ints, default=[1], help="split each step into this many sequences (list)")
+    m.add_argument("--modes", type=names, default=None, help=f"modes to compare, from {', '.join(MODES)} (default "
+                   "nccl,fuse-only,weave,none under torchrun, tp1,tp1-flash,tp1-split,tp1-split-flash on one GPU)")
+    m.add_argument("--trace", help="write a Chrome trace of one weave step here, and a PNG timeline beside it")
+    m.add_argument("--plot", help="write a PNG of latency vs tokens, one line per mode")
+    t = command("tune", "sweep split offset, CTA budgets and carveout; write configs/")
+    t.add_argument("--tokens", type=ints, default=[1024, 2048, 4096, 8192, 16384], help="prefill token counts")
+    t.add_argument("--ctas", type=ints, default=[2, 4, 8, 16], help="CTA budgets to try (default 2,4,8,16)")
+    k = command("kernel", "the comm point alone: fused kernel vs NCCL, or its virtual ranks on one GPU")
+    k.add_argument("--tokens", type=ints, default=None, help="token counts (default 1024..16384; 1..256 with --virtual)")
+    k.add_argument("--ctas", type=ints, default=[2, 4, 8, 16, 32], help="CTA counts (default 2,4,8,16,32)")
+    k.add_argument("--hidden", type=int, default=8192, help="hidden size (default 8192)")
+    k.add_argument("--repeat", type=int, default=10, help="calls per timed iteration (default 10)")
+    k.add_argument("--virtual", type=int, default=0, help="N: time N virtual ranks on this one GPU (comm.VirtualRanks)")
+    dc = command("decode", "ms per decode step vs the memory floor, graphs on and off")
+    dc.add_argument("--batches", type=ints, default=[1, 8, 32, 128], help="batch sizes (default 1,8,32,128)")
+    dc.add_argument("--contexts", type=ints, default=[1024, 8192], help="context lengths (default 1024,8192)")
+    dc.add_argument("--comm", default="auto", help="comm backend (default auto)")
+    s = command("serve", "throughput of many prompts through engine.LLM, first run and warm")
+    s.add_argument("--workloads", type=names, default=["1000x1024/128", "1000xmixed/128"],
+                   help="NxIN/OUT prompt sets, comma-separated; IN may be 'mixed' (128-2048) or 'tail' (1%% of 16K)")
+    s.add_argument("--budgets", type=ints, default=[2048, 8192], help="step token budgets (default 2048,8192)")
+    s.add_argument("--modes", type=names, default=["nccl", "fuse-only", "weave", "none"],
+                   help="modes to compare under torchrun (at TP 1: tp1)")
+    s.add_argument("--max-seqs", type=int, default=256, help="running sequences at most (default 256)")
+    s.add_argument("--graphs", type=int, default=1, help="1 = decode steps from CUDA graphs (default), 0 = eager")
+    c = command("checkpoint", "write a random-weight checkpoint of a preset's shape and a prompts file")
+    c.add_argument("dir", help="where to write it")
+    c.add_argument("--prompts", type=int, default=1000, help="prompts in prompts.txt (default 1000)")
+    c.add_argument("--prompt-tokens", type=int, default=1024, help="about this many tokens each (default 1024)")
+    args = p.parse_args(argv)
+    if args.what == "kernel" and args.tokens is None:
+        args.tokens = [1, 2, 8, 32, 128, 256] if args.virtual else [1024, 2048, 4096, 8192, 16384]
+    return args
+
+
+COMMANDS = {"model": cmd_model, "kernel": cmd_kernel, "tune": cmd_tune, "decode": cmd_decode, "serve": cmd_serve,
+            "checkpoint": cmd_checkpoint}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank0 = int(os.environ.get("RANK", 0)) == 0
+    multi = args.what == "tune" or (args.what == "kernel" and not args.virtual)
     try:
+        if (multi or args.what == "kernel") and not torch.cuda.is_available():
+            raise UserError(f"bench.py {args.what} needs CUDA GPUs")
         d = comm.init_distributed("auto")
         if multi and d.world < 2:
-            raise ValueError(f"bench.py {args.what} needs at least 2 ranks: torchrun --nproc-per-node N bench.py ...")
+            raise UserError(f"bench.py {args.what} needs at least 2 ranks: torchrun --nproc-per-node N bench.py ...")
+        if args.what == "model" and args.modes is None:
+            args.modes = ["tp1", "tp1-flash", "tp1-split", "tp1-split-flash"] if d.world == 1 else \
+                ["nccl", "fuse-only", "weave", "none"]
         env = environment()
         say(d, f"# {env['gpu']} x{env['world']}, driver {env['driver']}, torch {env['torch']}, CUDA {env['cuda']}, "
                f"NCCL {env['nccl']}, commit {env['commit']}")
         t0 = time.time()
-        cmds = {"model": cmd_model, "kernel": cmd_kernel, "tune": cmd_tune, "decode": cmd_decode, "serve": cmd_serve}
         with torch.no_grad():
-            title, table, rows = cmds[args.what](args, d, env)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        sys.exit(f"error: {e}")
+            title, table, rows = COMMANDS[args.what](args, d)
+    except UserError as e:
+        if rank0:
+            print(f"error: {e}", file=sys.stderr)
+        return 1
     if d.rank == 0:
         print(f"\n{title}\n")
         print("| " + " | ".join(map(str, table[0])) + " |\n|" + "---|" * len(table[0]))
         for line in table[1:]:
             print("| " + " | ".join(map(str, line)) + " |")
-        if args.plot and args.what == "model":
-            plot(rows, args.modes, args.plot, title)
         doc = json.dumps({"what": args.what, "title": title, "env": env, "args": vars(args), "rows": rows,
                           "seconds": round(time.time() - t0, 1)})
         if args.out:
@@ -561,7 +734,8 @@ def main():
         print(doc)
     if dist.is_initialized():
         dist.destroy_process_group()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -19,6 +19,11 @@ import torch.distributed as dist
 # ----------------------------------------------------------------------------- the process group
 
 
+class UserError(ValueError):
+    """Bad input or configuration: the message names the flag, file or value and what to do. run.py
+    prints it as one line; any other exception is a bug and keeps its traceback."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Dist:
     """Where this process sits: its rank among `world`, and among the `local_world` ranks of its host."""
@@ -42,8 +47,8 @@ def init_distributed(device: str = "auto") -> Dist:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
         if torch.cuda.device_count() < local_rank + 1:
-            raise RuntimeError(f"rank {rank} needs GPU {local_rank} but only {torch.cuda.device_count()} "
-                               f"are visible; start fewer processes per node, or run on the CPU")
+            raise UserError(f"rank {rank} needs GPU {local_rank} but only {torch.cuda.device_count()} "
+                            f"are visible; start fewer processes per node, or run on the CPU")
         dev = torch.device("cuda", local_rank)
         torch.cuda.set_device(dev)
     else:
@@ -62,6 +67,15 @@ def broadcast_from_rank0(t: torch.Tensor, d: Dist) -> torch.Tensor:
     if d.world > 1:
         dist.broadcast(t, src=0)
     return t
+
+
+def broadcast_object(obj, d: Dist):
+    """Rank 0's obj (anything picklable: prompts read from stdin) on every rank."""
+    if d.world == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, device=d.device if d.device.type == "cuda" else None)
+    return box[0]
 
 
 def padded(n: int, world: int) -> int:
@@ -101,8 +115,8 @@ class Comm:
 
     def buffer(self, half: int, n: int) -> torch.Tensor:
         if n > self.max_tokens:
-            raise ValueError(f"a step of {n} tokens exceeds the comm buffers, sized for {self.max_tokens} tokens "
-                             f"(the step token budget)")
+            raise UserError(f"a step of {n} tokens exceeds the comm buffers, sized for {self.max_tokens} tokens "
+                            f"(the step token budget)")
         return self.bufs[half, :n]
 
     def new_residual(self, n: int) -> torch.Tensor:
@@ -178,8 +192,8 @@ class FusedComm(Comm):
     timeout_s = 30.0
 
     def __init__(self, d, hidden, max_tokens, dtype):
-        if dtype != torch.bfloat16 or hidden % 8:
-            raise ValueError(f"the fused comm needs bf16 and hidden % 8 == 0 (got {dtype}, hidden {hidden})")
+        if why := fused_unfit(dtype, hidden):
+            raise UserError(f"comm fused: {why}; use nccl")
         self._handles = []                     # (tensor, symmetric-memory handle) pairs, kept alive
         super().__init__(d, hidden, max_tokens, dtype)
         if self.ext is None:
@@ -215,36 +229,80 @@ class FusedComm(Comm):
                        self.peer_flags, self.d.rank, residual, w, eps, ctas, self.timeout_s)
 
 
+class VirtualRanks:
+    """N ranks of the fused kernel on one GPU, for testing its protocol (the entry and exit barriers,
+    the reduce-scatter and all-gather phases, CUDA-graph replay, timeouts) and timing its fixed cost
+    without NVLink. Rank r's "symmetric" buffer bufs[r] and flags are plain allocations on the one
+    device; each rank's launch goes on its own stream with its own rank and every rank's addresses,
+    as FusedComm passes them, through the same argument checks. The ranks spin on each other's
+    flags, so all launches must be resident at once: N x CTAs must not exceed resident_ctas()."""
+
+    def __init__(self, n: int, hidden: int, max_tokens: int, device, timeout_s: float = 30.0):
+        import build_ext
+        self.ext, self.n, self.timeout_s = build_ext.load(), n, timeout_s
+        self.bufs = torch.zeros(n, padded(max_tokens, n), hidden, dtype=torch.bfloat16, device=device)   # bufs[r]: rank r's
+        self.flags = torch.zeros(n, self.ext.limits["max_ctas"] * n, dtype=torch.int32, device=device)
+        self.streams = [torch.cuda.Stream(device) for _ in range(n)]
+
+    def resident_ctas(self) -> int:
+        """CTAs of the kernel for this hidden size that the GPU holds at once."""
+        return self.ext.resident_ctas(self.bufs.shape[-1], self.n)
+
+    def __call__(self, rows: int, residuals, w, eps: float, ctas: int, ranks=None):
+        """One comm point over bufs[:, :rows] on every rank in `ranks` (default all): rank r holds its
+        partial in bufs[r, :rows] and its slice of the residual in residuals[r] (rows/N, H)."""
+        peers, flags = [b.data_ptr() for b in self.bufs], [f.data_ptr() for f in self.flags]
+        here, ranks = torch.cuda.current_stream(), range(self.n) if ranks is None else ranks
+        for r in ranks:       # every launch forks from here before any joins: they must run together
+            self.streams[r].wait_stream(here)
+            with torch.cuda.stream(self.streams[r]):
+                self.ext.fused_allreduce_add_rmsnorm(self.bufs[r, :rows], peers, 0, flags, r, residuals[r], w, eps,
+                                                     ctas, self.timeout_s)
+        for r in ranks:
+            here.wait_stream(self.streams[r])
+
+
 BACKENDS = {c.name: c for c in (NcclComm, GlooComm, FusedComm, NoComm)}
 
 
-def check_comm(name: str, d: Dist) -> str:
-    """The backend `name` resolves to for this process (auto: fused on Hopper with NVLink P2P, else
-    nccl on CUDA, gloo on CPU; world size 1: local). Raises ValueError when it cannot run here: called
-    before the checkpoint loads, so a wrong choice fails in seconds, not after minutes of loading."""
+def check_comm(name: str, d: Dist, dtype=torch.bfloat16, hidden: int = 8) -> str:
+    """The backend `name` resolves to for this process and a model of this dtype and hidden size
+    (auto: fused on Hopper with NVLink P2P and a bf16 model, else nccl on CUDA, gloo on CPU; world
+    size 1: local). Raises UserError when it cannot run here: called before the checkpoint loads, so
+    a wrong choice fails in seconds, not after minutes of loading."""
     choices = ["auto", *BACKENDS]
     if name not in choices:
-        raise ValueError(f"unknown comm backend {name!r}; choose from {', '.join(choices)}")
+        raise UserError(f"unknown comm backend {name!r}; choose from {', '.join(choices)}")
     if d.world == 1:
         if name in ("nccl", "fused", "gloo"):
-            raise ValueError(f"comm {name} needs 2 or more ranks (start with torchrun --nproc-per-node N); "
-                             f"a single process has no communication (use auto)")
+            raise UserError(f"comm {name} needs 2 or more ranks (start with torchrun --nproc-per-node N); "
+                            f"a single process has no communication (use auto)")
         return "none" if name == "none" else "local"
     if name in ("nccl", "fused") and d.device.type != "cuda":
-        raise ValueError(f"comm {name} needs CUDA GPUs; on the CPU use gloo (or auto)")
+        raise UserError(f"comm {name} needs CUDA GPUs; on the CPU use gloo (or auto)")
     if name == "gloo" and d.device.type != "cpu":
-        raise ValueError("comm gloo is the CPU reference; on GPUs use fused or nccl (or auto)")
-    if name == "auto":
-        return "gloo" if d.device.type == "cpu" else ("fused" if fused_available(d)[0] else "nccl")
-    if name == "fused" and not (ok := fused_available(d))[0]:
-        raise ValueError(f"comm fused is not available here: {ok[1]}; use nccl")
+        raise UserError("comm gloo is the CPU reference; on GPUs use fused or nccl (or auto)")
+    if name in ("auto", "fused"):
+        ok, why = fused_available(d)
+        why = why if not ok else fused_unfit(dtype, hidden)
+        if name == "auto":
+            return "gloo" if d.device.type == "cpu" else "nccl" if why else "fused"
+        if why:
+            raise UserError(f"comm fused is not available here: {why}; use nccl")
     return name
 
 
 def make_comm(name: str, d: Dist, hidden: int, max_tokens: int, dtype) -> Comm:
     """The comm point backend `name` (see check_comm), with buffers for steps of max_tokens."""
-    name = check_comm(name, d)
+    name = check_comm(name, d, dtype, hidden)
     return (LocalComm if name == "local" else BACKENDS[name])(d, hidden, max_tokens, dtype)
+
+
+def fused_unfit(dtype, hidden: int) -> str:
+    """Why the fused kernel cannot run a model of this dtype and hidden size ('' if it can)."""
+    if dtype != torch.bfloat16:
+        return f"the fused kernel runs bf16 models, this one is {str(dtype).replace('torch.', '')}"
+    return f"the fused kernel needs hidden % 8 == 0, this model has {hidden}" if hidden % 8 else ""
 
 
 def fused_available(d: Dist):

@@ -1,39 +1,52 @@
-"""Generation for any number of prompts: continuous batching with chunked prefill.
+"""Generation for any number of prompts: continuous batching with chunked prefill, and the Python API.
 
+    KVCache     the cache's rows as ranges: a sequence holds one contiguous range of its prompt +
+                max new tokens, from one pool sized to the memory the run can use
     Scheduler   which tokens run next: every running sequence's decode token, then chunks of
-                prompts in arrival order, up to the step's token budget; a new prompt takes a free
-                KV slot, a finished sequence gives its slot back at once
+                prompts in arrival order, up to the step's token budget; a prompt is admitted when
+                its range is free, a finished sequence gives its range back at once
     Runner      runs a step: a flat Batch through the Weaver, eagerly, or, for decode-only steps,
-                by replaying a CUDA graph captured once per batch-size bucket; samples on the device
-    Engine      the loop: prompts in, finished sequences out as they complete
+                by replaying a CUDA graph captured per batch-size bucket; samples on the device
+    Engine      the loop: sizes the pool for the prompts it is given, yields sequences as they finish
+    LLM         the one construction path (checkpoint -> model -> comm -> Weaver -> Engine)
 
 Every rank runs the same scheduler on the same tokens (sampled on rank 0 and broadcast), so all
-ranks build the same steps without talking about them. Memory is fixed at the start: the KV cache
-holds max_seqs sequences of max_len positions, the comm buffers one step of the budget.
+ranks build the same steps without talking about them.
 """
+import bisect
 import collections
 import dataclasses
+import gc
+import os
 import time
 
 import torch
 import torch.distributed as dist
 
-from comm import broadcast_from_rank0
-from weave import Batch, Weaver
+import models
+from batch import Batch, Span
+from comm import UserError, broadcast_from_rank0, check_comm, init_distributed, make_comm
+from weave import Tuning, Weaver, tuning_path
 
 
 @dataclasses.dataclass(eq=False)
 class Sequence:
-    index: int               # the prompt's position in the input
-    prompt: list
+    index: int               # the prompt's position in the input: its id for the sampler too
+    prompt: list             # token ids
     max_new: int
     out: list = dataclasses.field(default_factory=list)
+    text: str | None = None  # out decoded (LLM.generate, with a tokenizer)
     error: str | None = None
-    slot: int = -1
+    row: int = -1            # first row of its cache range
     cached: int = 0          # tokens whose K/V are in the cache
     t_admit: float = 0.0     # when its first chunk ran, its first token came, it finished
     t_first: float = 0.0
     t_done: float = 0.0
+
+    @property
+    def need(self) -> int:
+        """Cache rows it holds while it runs: its prompt and every new token but the last."""
+        return len(self.prompt) + self.max_new - 1
 
     def next_tokens(self, n: int) -> list:
         """The n tokens after the cached ones: a prompt chunk, or the last sampled token."""
@@ -42,21 +55,58 @@ class Sequence:
         return self.out[self.cached - len(self.prompt):][:n]
 
 
-# ----------------------------------------------------------------------------- scheduler
+# ----------------------------------------------------------------------------- cache and scheduler
+
+
+class KVCache:
+    """Free ranges of the pool's rows, sorted by start; best fit, neighbours merged when a range comes
+    back. Contiguous ranges (not pages) because FlashAttention reads each sequence's keys from one
+    base row here (torch 2.11 has no block table)."""
+
+    def __init__(self, rows: int):
+        self.rows, self.free = rows, [(0, rows)] if rows else []
+
+    def alloc(self, n: int) -> int | None:
+        fits = [(size, start) for start, size in self.free if size >= n]
+        if not fits:
+            return None
+        size, start = min(fits)
+        i = bisect.bisect_left(self.free, (start, size))
+        self.free[i:i + 1] = [(start + n, size - n)] if size > n else []
+        return start
+
+    def release(self, start: int, n: int):
+        i = bisect.bisect_left(self.free, (start, n))
+        if i < len(self.free) and self.free[i][0] == start + n:         # merge with the range after
+            n += self.free.pop(i)[1]
+        if i and self.free[i - 1][0] + self.free[i - 1][1] == start:    # ... and the one before
+            start, n = self.free[i - 1][0], self.free[i - 1][1] + n
+            i -= 1
+            self.free.pop(i)
+        self.free.insert(i, (start, n))
+
+    @property
+    def free_rows(self) -> int:
+        return sum(n for _, n in self.free)
 
 
 class Scheduler:
     """Packs each step: one token for every running sequence past its prompt, then prompt chunks,
-    oldest first, while the budget lasts. max_seqs <= budget, so every running sequence advances
-    every step and the oldest unfinished prompt always gets at least one token: none starves."""
+    oldest first, while the budget lasts. A waiting prompt is admitted, in arrival order, when a range
+    of the cache holds it and fewer than max_seqs run; one that does not fit waits (it never evicts
+    another). max_seqs <= budget, so every running sequence advances every step and the oldest
+    unfinished prompt always gets a token: none starves."""
 
-    def __init__(self, max_seqs: int, budget: int):
-        if not 1 <= max_seqs <= budget:
-            raise ValueError(f"need 1 <= max_seqs <= max_step_tokens (got {max_seqs} and {budget}): "
-                             f"every running sequence decodes one token per step")
-        self.budget = budget
+    def __init__(self, max_seqs: int, budget: int, cache: KVCache):
+        self.check_limits(max_seqs, budget)
+        self.max_seqs, self.budget, self.cache = max_seqs, budget, cache
         self.waiting, self.running = collections.deque(), []
-        self.free = list(range(max_seqs - 1, -1, -1))   # KV slots; pop() takes the lowest
+
+    @staticmethod
+    def check_limits(max_seqs: int, budget: int):
+        if not 1 <= max_seqs <= budget:
+            raise UserError(f"need 1 <= max_seqs <= max_step_tokens (got {max_seqs} and {budget}): "
+                            f"every running sequence decodes one token per step")
 
     def add(self, seq: Sequence):
         self.waiting.append(seq)
@@ -73,35 +123,87 @@ class Scheduler:
                 n = min(len(s.prompt) - s.cached, left)
                 step.append((s, n))
                 left -= n
-        while self.waiting and self.free and left > 0:
-            s = self.waiting.popleft()
-            s.slot = self.free.pop()
+        while self.waiting and left > 0 and len(self.running) < self.max_seqs:
+            s = self.waiting[0]
+            if (row := self.cache.alloc(s.need)) is None:
+                break
+            self.waiting.popleft()
+            s.row = row
             self.running.append(s)
             n = min(len(s.prompt), left)
             step.append((s, n))
             left -= n
         return step
 
-    def finish(self, seq: Sequence):
-        self.running.remove(seq)
-        self.free.append(seq.slot)
+    def postprocess(self, step: list, tokens: list, eos: set, now: float):
+        """After a step: the new tokens [(sequence, token)] and the sequences that finished (their
+        ranges freed). A chunk that does not end its prompt samples nothing."""
+        new, done = [], []
+        for (s, n), t in zip(step, tokens):
+            s.cached += n
+            if s.cached < len(s.prompt):
+                continue
+            s.out.append(t)
+            s.t_first = s.t_first or now
+            new.append((s, t))
+            if t in eos or len(s.out) == s.max_new:
+                s.t_done = now
+                self.running.remove(s)
+                self.cache.release(s.row, s.need)
+                done.append(s)
+        return new, done
 
 
 # ----------------------------------------------------------------------------- runner
 
 
-def sample(logits, temperature: float, top_p: float, g: torch.Generator | None):
-    """logits (B, V) -> (B,) next tokens, on the device, no host sync. Sampling is an exponential
-    race: argmax(p / E) with E ~ Exp(1) picks token i with probability p_i (what multinomial does)."""
-    if temperature == 0:
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.0     # 0: greedy
+    top_p: float = 1.0
+    seed: int = 0
+
+    @property
+    def greedy(self) -> bool:   # a temperature that rounds to 0 in fp32 would divide by zero
+        return float(torch.tensor(self.temperature, dtype=torch.float32)) == 0
+
+
+def sample(logits, s: Sampling, seq_ids, positions):
+    """logits (B, V) -> (B,) next tokens, on the device, no host sync. Inverse-CDF sampling with one
+    uniform per row drawn from (seed, sequence id, position) alone, so a sequence's text does not
+    depend on what runs beside it; top-p keeps the most likely tokens up to that mass (and always
+    the first)."""
+    if s.greedy:
         return logits.argmax(-1)
-    p = torch.softmax(logits.float() / temperature, dim=-1)
+    x = logits.float()
+    p = torch.softmax((x - x.amax(-1, keepdim=True)) / s.temperature, dim=-1)   # no overflow at tiny T
     idx = None
-    if top_p < 1:
+    if s.top_p < 1:
         p, idx = p.sort(dim=-1, descending=True)
-        p = p.masked_fill(p.cumsum(-1) - p >= top_p, 0)   # drop tokens once the kept mass reaches top_p
-    choice = (p / torch.empty_like(p).exponential_(generator=g)).argmax(-1)
+        drop = p.cumsum(-1) - p >= s.top_p
+        drop[:, 0] = False
+        p = p.masked_fill(drop, 0)
+    c = p.cumsum(-1)                                                           # (B, V)
+    total = c[:, -1:]
+    u = torch.minimum(uniform(s.seed, seq_ids, positions)[:, None].float() * total,
+                      torch.nextafter(total, torch.zeros_like(total)))         # in [0, total)
+    choice = torch.searchsorted(c, u, right=True)[:, 0]                       # first c > u: p > 0 there
     return choice if idx is None else idx.gather(-1, choice[:, None])[:, 0]
+
+
+def uniform(seed: int, seq_ids, positions):
+    """(B,) uniforms in [0, 1) from a counter-based hash of (seed, id, position): int64 arithmetic on
+    32-bit values, so no product overflows."""
+    M = 0xFFFFFFFF
+
+    def mix(x):    # a 32-bit integer hash (xor-shift-multiply)
+        for _ in range(2):
+            x = ((x ^ (x >> 16)) * 0x45D9F3B) & M
+        return x ^ (x >> 16)
+    h = mix(torch.full_like(seq_ids, seed & M, dtype=torch.int64) ^ (seed >> 32 & M))
+    for v in (seq_ids, positions):
+        h = mix((h + 0x9E3779B9 + v.long()) & M)
+    return (h >> 8).double() / 2 ** 24
 
 
 def buckets(max_seqs: int) -> list:
@@ -110,135 +212,301 @@ def buckets(max_seqs: int) -> list:
 
 
 class Runner:
-    """Runs steps. Decode-only steps replay a CUDA graph of their bucket: the graph was captured
-    over a Batch whose tensors are views of one static int32 buffer, and a step only copies its
-    layout into that buffer. Padding rows decode in a scratch slot that no sequence uses. The graphs
-    keep the addresses of the model's KV cache, which the Runner allocates: one Runner per model at a
-    time."""
+    """Runs steps over a cache of `rows` rows (plus one scratch row that padding rows decode into).
+    Decode-only steps replay a CUDA graph of their bucket: the graph was captured over a Batch whose
+    tensors are views of one static int32 buffer, and a step only copies its layout into that buffer.
+    A graph serves sequences of up to max_k positions: FlashAttention splits the keys of small
+    batches by that bound, so it is the run's longest sequence, not the model's context (at 131K
+    positions every split but the first was empty: 8K-context decode ran 1.4x slower). The graphs
+    keep the addresses of the model's KV cache, which the Runner allocates: one Runner per model at
+    a time."""
 
-    def __init__(self, weaver: Weaver, max_seqs: int, max_len: int, graphs: bool,
-                 temperature: float = 0.0, top_p: float = 1.0, seed: int = 0):
-        self.weaver, self.d = weaver, weaver.comm.d
-        self.max_len, self.scratch = max_len, max_seqs
-        self.temperature, self.top_p = temperature, top_p
-        self.g = torch.Generator(self.d.device).manual_seed(seed)
-        weaver.model.allocate_cache(max_seqs + 1, max_len)
-        self.graphs = {}
-        if graphs:
-            if self.d.device.type != "cuda":
-                raise ValueError("CUDA graphs need a CUDA device; use graphs off on the CPU")
-            self.capture(buckets(max_seqs))
+    def __init__(self, weaver: Weaver, rows: int, graphs: bool, max_k: int | None = None):
+        self.weaver, self.d, self.scratch = weaver, weaver.comm.d, rows
+        self.use_graphs, self.max_k = graphs, max_k or rows
+        if graphs and self.d.device.type != "cuda":
+            raise UserError("CUDA graphs need a CUDA device; use graphs off on the CPU")
+        weaver.model.allocate_cache(rows + 1)
+        self.graphs, self.pool = {}, None
 
     @torch.no_grad()
     def capture(self, sizes):
-        pool = torch.cuda.graph_pool_handle()
-        for bs in sorted(sizes, reverse=True):     # the largest first: the others reuse its memory
-            seqs = [(self.scratch, 0, 1)] * bs
-            data = Batch.layout(seqs, [0] * bs, self.max_len).to(self.d.device)
-            batch = Batch.view(seqs, data)
+        """Decode graphs for these batch sizes (those not captured yet), the largest first: the
+        others reuse its memory."""
+        if not self.use_graphs:
+            return
+        self.pool = self.pool or torch.cuda.graph_pool_handle()
+        for bs in sorted(set(sizes) - set(self.graphs), reverse=True):
+            spans, split = [Span(self.scratch, 0, 1)] * bs, self.weaver.split_point(bs)
+            data = Batch.layout(spans, [0] * bs, split=split).to(self.d.device)    # the graph's static buffer
+            batch = Batch.view(spans, data, split, self.max_k)
             side = torch.cuda.Stream()             # warm-up (lazy inits, workspaces) off the capture
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 self.weaver(batch)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
+            with torch.cuda.graph(graph, pool=self.pool):
                 logits = self.weaver(batch)
-            self.graphs[bs] = graph, data, logits
+            self.graphs[bs] = graph, data, batch, logits
 
     @torch.no_grad()
-    def step(self, seqs: list, token_ids: list) -> torch.Tensor:
-        """seqs [(slot, start, n)] and their tokens -> (len(seqs),) next tokens on the device."""
-        B = len(seqs)
-        bucket = min((b for b in self.graphs if b >= B), default=None) if all(n == 1 for *_, n in seqs) else None
+    def step(self, spans: list, tokens: list, seq_ids: list, sampling: Sampling) -> torch.Tensor:
+        """Spans and their tokens -> (len(spans),) next tokens on the device (rank 0's, on every rank)."""
+        B = len(spans)
+        bucket = min((b for b in self.graphs if b >= B), default=None) if all(s.n == 1 for s in spans) else None
         if bucket is None:
-            logits = self.weaver(Batch.make(seqs, token_ids, self.d.device, self.max_len))
+            batch = self.weaver.batch(spans, tokens, seq_ids)
+            logits = self.weaver(batch)
         else:
-            graph, data, logits = self.graphs[bucket]
+            graph, data, batch, logits = self.graphs[bucket]
             pad = bucket - B
-            data.copy_(Batch.layout(seqs + [(self.scratch, 0, 1)] * pad, token_ids + [0] * pad, self.max_len),
-                       non_blocking=True)
+            data.copy_(Batch.layout(spans + [Span(self.scratch, 0, 1)] * pad, tokens + [0] * pad, seq_ids + [0] * pad,
+                                    self.weaver.split_point(bucket)), non_blocking=True)
             graph.replay()
-        return broadcast_from_rank0(sample(logits[:B], self.temperature, self.top_p, self.g), self.d)
+        nxt = sample(logits[:B], sampling, batch.seq_ids[:B], batch.next_pos[:B])
+        return broadcast_from_rank0(nxt, self.d)
 
 
 # ----------------------------------------------------------------------------- the loop
 
 
 class Engine:
-    def __init__(self, weaver: Weaver, max_seqs: int, max_step_tokens: int, max_len: int,
-                 graphs: bool = False, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, log=None):
-        model = weaver.model
+    """Sizes the KV pool for the prompts it is given (no more than max_seqs of them at once can
+    use, no more than `memory` of the GPU allows), then runs them. Everything it allocates comes
+    once per size: a later call that fits reuses the pool and the graphs."""
+
+    def __init__(self, weaver: Weaver, max_seqs: int, max_step_tokens: int, graphs: bool = False,
+                 memory: float = 0.9):
         if max_step_tokens > weaver.comm.max_tokens:
-            raise ValueError(f"max_step_tokens {max_step_tokens} exceeds the comm buffers "
-                             f"({weaver.comm.max_tokens} tokens)")
-        max_len = min(max_len, model.cfg.max_positions)
-        self.max_seqs = fit_slots(model, weaver.comm.d, max_seqs, max_len, log)
-        self.max_len, self.context = max_len, model.cfg.max_positions
-        self.scheduler = Scheduler(self.max_seqs, max_step_tokens)
-        self.runner = Runner(weaver, self.max_seqs, max_len, graphs, temperature, top_p, seed)
+            raise UserError(f"max_step_tokens {max_step_tokens} exceeds the comm buffers "
+                            f"({weaver.comm.max_tokens} tokens)")
+        if not 0 < memory <= 1:
+            raise UserError(f"the memory fraction must be in (0, 1], got {memory}")
+        self.weaver, self.d, self.model = weaver, weaver.comm.d, weaver.model
+        self.max_seqs, self.budget, self.graphs, self.memory = max_seqs, max_step_tokens, graphs, memory
+        Scheduler.check_limits(max_seqs, max_step_tokens)
+        self.runner, self.rows, self.cap, self.activations = None, 0, None, None
+
+    def runnable(self, prompts: list, max_new: int) -> tuple:
+        """The sequences of these prompts, those that can run at all (any cache size) among them."""
+        seqs = [Sequence(i, list(p), max_new) for i, p in enumerate(prompts)]
+        return seqs, [s for s in seqs if s.prompt and len(s.prompt) + max_new <= self.model.cfg.max_positions]
+
+    def prepare(self, prompts: list, max_new: int):
+        """Sizes the pool for these prompts (the most that max_seqs of them can hold at once, within
+        memory) and captures decode graphs for the batch sizes they can reach."""
+        _, ok = self.runnable(prompts, max_new)
+        needs = sorted(s.need for s in ok) or [1]
+        want = sum(needs[-self.max_seqs:])
+        if self.cap is None:
+            self.cap = self.fits()
+        if self.runner is None or min(want, self.cap) > self.rows or needs[-1] > self.runner.max_k:
+            self.runner = None                                       # the old pool (and graphs) go first
+            self.model.allocate_cache(0)
+            self.rows = max(self.rows, min(want, self.cap), 1)
+            self.runner = Runner(self.weaver, self.rows, self.graphs, min(needs[-1], self.rows))
+        self.runner.capture([b for b in buckets(self.max_seqs) if b <= max(1, min(self.max_seqs, len(ok)))])
+
+    def fits(self) -> int:
+        """Cache rows that fit: in `memory` of the GPU (counting what is there already, and room for
+        a full step's activations and the graphs), or of the host's available memory; the same on
+        every rank (the smallest), since all must schedule alike."""
+        per_row = self.model.cache_bytes(1)
+        if self.d.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.d.device)
+            spare = self.memory * total - (total - free) - 2 * self.activation_bytes() - 2**28
+        else:
+            spare = self.memory * available_host_memory()
+        rows = torch.tensor(max(int(spare // per_row) - 1, 0), device=self.d.device)   # -1: the scratch row
+        if self.d.world > 1:
+            dist.all_reduce(rows, op=dist.ReduceOp.MIN)
+        return int(rows)
+
+    @torch.no_grad()
+    def activation_bytes(self) -> int:
+        """The memory one full step takes beyond the weights (measured once, on a step of the whole
+        budget over max_seqs sequences, sampled with top-p: the largest logits and sort)."""
+        if self.activations is None:
+            n, T = min(self.max_seqs, self.budget), self.budget
+            spans = [Span(0, 0, T // n + (i < T % n)) for i in range(n)]
+            try:
+                self.model.allocate_cache(max(s.n for s in spans))
+                torch.cuda.synchronize(self.d.device)
+                torch.cuda.reset_peak_memory_stats(self.d.device)
+                base = torch.cuda.memory_allocated(self.d.device)
+                logits = self.weaver(self.weaver.batch(spans, [0] * T, list(range(n))))
+                sample(logits, Sampling(1.0, 0.9), torch.zeros(n, dtype=torch.int32, device=self.d.device),
+                       torch.zeros(n, dtype=torch.int32, device=self.d.device))
+                torch.cuda.synchronize(self.d.device)
+                self.activations = torch.cuda.max_memory_allocated(self.d.device) - base
+            except torch.OutOfMemoryError:
+                raise UserError(f"one step of --max-step-tokens {T} tokens does not fit in GPU memory beside the "
+                                f"model; lower --max-step-tokens, or use more GPUs") from None
+            finally:
+                self.model.allocate_cache(0)
+        return self.activations
 
     def check(self, seq: Sequence) -> str | None:
         """Why this prompt cannot run, or None."""
-        n = len(seq.prompt)
+        n, context = len(seq.prompt), self.model.cfg.max_positions
         if n == 0:
             return "the prompt has no tokens"
-        if n + seq.max_new > self.context:
+        if n + seq.max_new > context:
             return (f"the prompt has {n} tokens: with {seq.max_new} new tokens it exceeds the model's context "
-                    f"of {self.context}; shorten it or ask for fewer new tokens")
-        if n + seq.max_new > self.max_len:
-            return f"the prompt has {n} tokens: with {seq.max_new} new tokens it exceeds the KV cache's {self.max_len} positions"
+                    f"of {context}; shorten it or ask for fewer new tokens")
+        if seq.need > self.rows:
+            return (f"the prompt has {n} tokens: with {seq.max_new} new tokens it needs {seq.need} positions of KV "
+                    f"cache, more than the {self.rows} that fit in memory; ask for fewer new tokens, or use more GPUs")
         return None
 
-    def generate(self, prompts, max_new: int, eos=(), on_token=None, on_step=None):
+    def generate(self, prompts, max_new: int, eos=(), sampling: Sampling = Sampling(), on_token=None, on_step=None):
         """Yields each prompt's Sequence as it finishes (or fails its check), with .out and timings.
         prompts: token id lists; on_token(seq, token) is called for every new token, on_step(step,
         seconds) after every step ([(sequence, tokens)], its time from scheduling to its tokens)."""
-        sched, eos = self.scheduler, set(eos)
-        for i, p in enumerate(prompts):
-            seq = Sequence(i, list(p), max_new)
-            seq.error = self.check(seq)
-            if seq.error:
-                yield seq
+        self.prepare(prompts, max_new)
+        seqs, _ = self.runnable(prompts, max_new)
+        sched, eos = Scheduler(self.max_seqs, self.budget, KVCache(self.rows)), set(eos)
+        for s in seqs:
+            s.error = self.check(s)
+            if s.error:
+                yield s
             else:
-                sched.add(seq)
+                sched.add(s)
         while sched:
             step = sched.schedule()
             start = time.perf_counter()
             for s, _ in step:
                 s.t_admit = s.t_admit or start
+            spans = [Span(s.row, s.cached, n) for s, n in step]
             tokens = [t for s, n in step for t in s.next_tokens(n)]
-            nxt = self.runner.step([(s.slot, s.cached, n) for s, n in step], tokens).tolist()
+            nxt = self.runner.step(spans, tokens, [s.index for s, _ in step], sampling).tolist()
             now = time.perf_counter()
             if on_step:
                 on_step(step, now - start)
-            for (s, n), t in zip(step, nxt):
-                s.cached += n
-                if s.cached < len(s.prompt):   # a prompt chunk that does not end the prompt
-                    continue
-                s.out.append(t)
-                s.t_first = s.t_first or now
-                if on_token:
+            new, done = sched.postprocess(step, nxt, eos, now)
+            if on_token:
+                for s, t in new:
                     on_token(s, t)
-                if t in eos or len(s.out) == s.max_new:
-                    s.t_done = now
-                    sched.finish(s)
-                    yield s
+            yield from done
+
+    def close(self):
+        self.runner = None
+        self.model.allocate_cache(0)
 
 
-def fit_slots(model, d, max_seqs: int, max_len: int, log=None) -> int:
-    """max_seqs, lowered where the KV cache would not fit in 90% of the free GPU memory (the same on
-    every rank: they must schedule alike)."""
-    if d.device.type != "cuda":
-        return max_seqs
-    free = torch.tensor(torch.cuda.mem_get_info(d.device)[0], device=d.device)
-    if d.world > 1:
-        dist.all_reduce(free, op=dist.ReduceOp.MIN)
-    per_slot = model.cache_bytes(1, max_len)
-    fits = int(0.9 * free.item()) // per_slot - 1        # one slot is the graphs' scratch slot
-    if fits < 1:
-        raise ValueError(f"the KV cache of one sequence of {max_len} positions ({per_slot / 2**30:.1f} GiB) "
-                         f"does not fit in the free GPU memory; ask for fewer new tokens or use more GPUs")
-    if fits < max_seqs and log:
-        log(f"KV cache: {fits} running sequences fit in GPU memory (asked for {max_seqs})")
-    return min(max_seqs, fits)
+def available_host_memory() -> int:
+    """Bytes the host can still give (MemAvailable: free plus reclaimable caches)."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+# ----------------------------------------------------------------------------- the API
+
+
+class LLM:
+    """Text generation with tensor parallelism over the ranks torchrun started (one process: TP 1):
+
+        with engine.LLM("meta-llama/Llama-3.3-70B-Instruct") as llm:
+            for seq in llm.generate(["Explain tensor parallelism"], max_new_tokens=64):
+                print(seq.index, seq.text, seq.t_first - seq.t_admit)
+
+    model: a checkpoint directory, a hub id, a preset name (random weights; token-id prompts only)
+    or None (the demo). The model, the comm buffers, the KV cache and the graphs are freed by
+    close() (or leaving the with block); the process group stays (init_distributed made it).
+    """
+
+    def __init__(self, model: str | None = None, *, comm: str = "auto", weave: str = "auto",
+                 graphs: str = "auto", tuning=None, max_seqs: int = 256, max_step_tokens: int = 2048,
+                 memory: float = 0.9, device: str = "auto", dtype: torch.dtype | None = None,
+                 layers: int | None = None, dist=None, log=None):
+        self.d = dist or init_distributed(device)
+        self.log = log or (lambda s: None)
+        self.path = models.resolve(model, self.d)
+        module, cfg = models.config(self.path)
+        cuda = self.d.device.type == "cuda"
+        dtype = dtype or (getattr(torch, cfg.dtype.replace("torch.", ""), None) if cuda else torch.float32)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise UserError(f"config.json's dtype {cfg.dtype!r} is not a torch floating-point dtype")
+        if graphs not in ("auto", "on", "off"):
+            raise UserError(f"graphs must be auto, on or off, not {graphs!r}")
+        if graphs == "on" and not cuda:
+            raise UserError("graphs on needs CUDA; on the CPU use graphs off (or auto)")
+        check_comm(comm, self.d, dtype, cfg.hidden)                     # before minutes of loading
+        if not isinstance(tuning, Tuning):
+            tuning = Tuning.load(tuning or tuning_path(cfg, self.d.world), required=tuning is not None)
+        Scheduler.check_limits(max_seqs, max_step_tokens)
+        is_dir = os.path.isdir(self.path)      # else a preset: no tokenizer, token-id prompts only
+        has_tokenizer = is_dir and os.path.exists(os.path.join(self.path, "tokenizer.json"))
+        self.tokenizer = models.Tokenizer(self.path, cfg.vocab) if has_tokenizer else None
+        self.eos = models.eos_ids(cfg, self.path if is_dir else None)
+        step_bytes = 2 * max_step_tokens * cfg.hidden * dtype.itemsize     # the comm's two step buffers
+        if step_bytes > 0.5 * (torch.cuda.mem_get_info(self.d.device)[0] if cuda else available_host_memory()):
+            raise UserError(f"--max-step-tokens {max_step_tokens} needs {step_bytes / 2**30:.1f} GiB of step buffers, "
+                            f"more than this machine has to spare; lower it (2048 is the default)")
+        self.model = models.load(self.path, self.d, dtype, layers, self.log)
+        try:
+            self.comm = make_comm(comm, self.d, cfg.hidden, max_step_tokens, dtype)
+        except torch.OutOfMemoryError:
+            raise UserError(f"the step buffers of --max-step-tokens {max_step_tokens} do not fit in GPU memory "
+                            f"beside the model; lower it, or use more GPUs") from None
+        self.weaver = Weaver(self.model, self.comm, weave, tuning)
+        self.engine = Engine(self.weaver, max_seqs, max_step_tokens, graphs == "on" or (graphs == "auto" and cuda),
+                             memory)
+
+    @property
+    def comm_name(self) -> str:
+        return self.comm.name + (f"/{self.comm.transport}" if self.comm.name == "fused" else "")
+
+    def encode(self, prompts: list, chat: bool = False) -> list:
+        """Token ids of text prompts (lists of ids pass through)."""
+        texts = [p for p in prompts if isinstance(p, str)]
+        if texts and self.tokenizer is None:
+            raise UserError(f"{self.path} has no tokenizer: give prompts as token id lists")
+        ids = iter(self.tokenizer.encode(texts, chat) if texts else [])
+        return [next(ids) if isinstance(p, str) else list(p) for p in prompts]
+
+    def prepare(self, prompts: list, max_new_tokens: int = 64, chat: bool = False):
+        """Sizes the KV cache and captures the decode graphs for these prompts now, so that generate
+        starts at once (generate does it too, where it has not been done)."""
+        self.engine.prepare(self.encode(prompts, chat), max_new_tokens)
+
+    def generate(self, prompts: list, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
+                 seed: int = 0, chat: bool = False, on_token=None, on_step=None):
+        """Yields a Sequence per prompt as it finishes (input order is .index): .out (token ids),
+        .text, .error (a prompt that cannot run: the others still do), and timings (.t_admit,
+        .t_first, .t_done, perf_counter seconds). on_token(seq, token) sees every new token."""
+        if not (temperature >= 0 and temperature != float("inf")):
+            raise UserError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+        if not 0 < top_p <= 1:
+            raise UserError(f"top_p must be in (0, 1] (1 = keep all tokens), got {top_p}")
+        if max_new_tokens < 1:
+            raise UserError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        for seq in self.engine.generate(self.encode(prompts, chat), max_new_tokens, self.eos,
+                                        Sampling(temperature, top_p, seed), on_token, on_step):
+            if self.tokenizer is not None and seq.error is None:
+                seq.text = self.decode(seq.out)
+            yield seq
+
+    def decode(self, ids: list) -> str:
+        return self.tokenizer.decode([t for t in ids if t not in self.eos])
+
+    def close(self):
+        """Frees the graphs (they captured the comm's collectives), the cache, the comm buffers and
+        the model, in that order, and waits for the GPU."""
+        if getattr(self, "engine", None) is not None:
+            self.engine.close()
+        self.engine = self.weaver = self.comm = self.model = None
+        gc.collect()
+        if self.d.device.type == "cuda":
+            torch.cuda.synchronize(self.d.device)
+            torch.cuda.empty_cache()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,14 +1,12 @@
 """Llama 3 for tensor-parallel inference, as a list of compute stages (see weave.py).
 
 Every layer is built already sharded: rank r of N holds 1/N of the heads and of the MLP's
-intermediate features, and reads only its slice of each checkpoint tensor. Shapes in comments:
-T tokens of the step, H hidden, nh/nkv heads of this rank (local), hd head dim, I/N local MLP.
+intermediate features, and reads only its slice of each checkpoint tensor (models.py loads them).
+Shapes in comments: T tokens of the step, H hidden, nh/nkv heads of this rank (local), hd head
+dim, I/N local MLP.
 """
 import dataclasses
-import json
 import math
-import os
-import time
 import warnings
 
 import torch
@@ -16,8 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.bias import causal_lower_right
 
-from comm import Dist, load_ext
-from weave import Batch
+from batch import Batch
+from comm import Dist, UserError, load_ext
 
 # ----------------------------------------------------------------------------- config
 
@@ -44,24 +42,46 @@ class Config:
     @classmethod
     def from_hf(cls, c: dict) -> "Config":
         """From a checkpoint's config.json: the hub form (rope_theta, rope_scaling, torch_dtype) or
-        the one transformers 5 writes (rope_parameters, dtype)."""
+        the one transformers 5 writes (rope_parameters, dtype). Raises UserError naming the key
+        that is missing or of the wrong type (models.config puts the file's name in front)."""
         for key in ("attention_bias", "mlp_bias"):
             if c.get(key):
-                raise ValueError(f"config.json sets {key}: true, which this Llama does not support")
+                raise UserError(f"sets {key}: true, which this Llama does not support")
         rope = dict(c.get("rope_parameters") or c.get("rope_scaling") or {})
         theta = rope.pop("rope_theta", c.get("rope_theta", 10000.0))
         if rope.get("rope_type", rope.get("type", "default")) == "default":
             rope = None
         eos = c.get("eos_token_id")
+        eos = eos if isinstance(eos, list) else [eos] if eos is not None else []
+        hidden, layers, heads = (need(c, k) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads"))
         return cls(
-            model_type=c["model_type"], hidden=c["hidden_size"], n_layers=c["num_hidden_layers"],
-            n_heads=c["num_attention_heads"], n_kv_heads=c.get("num_key_value_heads", c["num_attention_heads"]),
-            head_dim=c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"],
-            intermediate=c["intermediate_size"], vocab=c["vocab_size"], eps=c.get("rms_norm_eps", 1e-6),
-            rope_theta=theta, rope_scaling=rope, tie_embeddings=c.get("tie_word_embeddings", False),
-            max_positions=c.get("max_position_embeddings", 4096),
-            eos_ids=tuple(eos if isinstance(eos, list) else [eos] if eos is not None else []),
+            model_type=c["model_type"], hidden=hidden, n_layers=layers, n_heads=heads,
+            n_kv_heads=need(c, "num_key_value_heads", heads), head_dim=need(c, "head_dim", hidden // heads, none=True),
+            intermediate=need(c, "intermediate_size"), vocab=need(c, "vocab_size"),
+            eps=need(c, "rms_norm_eps", 1e-6, float), rope_theta=need({"rope_theta": theta}, "rope_theta", kind=float),
+            rope_scaling=rope, tie_embeddings=need(c, "tie_word_embeddings", False, bool),
+            max_positions=need(c, "max_position_embeddings", 4096),
+            eos_ids=tuple(need({"eos_token_id": e}, "eos_token_id", low=0) for e in eos),
             dtype=str(c.get("dtype") or c.get("torch_dtype") or "bfloat16"))
+
+
+_MISSING = object()
+
+
+def need(c: dict, key: str, default=_MISSING, kind=int, low=1, none=False):
+    """c[key] (or the default), checked: an int >= low, a positive number, or a bool."""
+    v = c.get(key, default) if not (none and c.get(key) is None) else default
+    if v is _MISSING:
+        raise UserError(f"has no {key!r}: it is not a complete {c.get('model_type')} config")
+    if kind is bool:
+        ok, what = isinstance(v, bool), "true or false"
+    elif kind is float:
+        ok, what = isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0, "a positive number"
+    else:
+        ok, what = isinstance(v, int) and not isinstance(v, bool) and v >= low, f"an integer of at least {low}"
+    if not ok:
+        raise UserError(f"sets {key!r} to {v!r}: it must be {what}")
+    return v
 
 
 # The real Llama-3.3-70B-Instruct and Llama-3.1-8B-Instruct config.json values, so benchmarks build full shapes.
@@ -86,8 +106,8 @@ PRESETS = {"llama-3.3-70b": dict(
 
 def shard(n: int, d: Dist, what: str) -> int:
     if n % d.world:
-        raise ValueError(f"tensor parallel size {d.world} does not divide {what} ({n}); "
-                         f"use a TP size that divides it")
+        raise UserError(f"tensor parallel size {d.world} does not divide {what} ({n}); "
+                        f"use a TP size that divides it")
     return n // d.world
 
 
@@ -107,7 +127,8 @@ class ColumnParallel(nn.Module):
     def loader(self, i: int, param: str = "weight"):
         """Loads checkpoint part i: this rank's rows of it."""
         lo, n = sum(self.parts[:i]), self.parts[i]
-        return Shard(getattr(self, param)[lo:lo + n], rows=slice(self.d.rank * n, (self.d.rank + 1) * n))
+        dest = getattr(self, param)[lo:lo + n]
+        return Shard(dest, (n * self.d.world, *dest.shape[1:]), rows=slice(self.d.rank * n, (self.d.rank + 1) * n))
 
 
 class RowParallel(nn.Module):
@@ -124,7 +145,7 @@ class RowParallel(nn.Module):
 
     def loader(self):
         r, n = self.d.rank, self.n
-        return Shard(self.weight, cols=slice(r * n, (r + 1) * n))
+        return Shard(self.weight, (self.weight.shape[0], n * self.d.world), cols=slice(r * n, (r + 1) * n))
 
 
 class VocabParallel(nn.Module):
@@ -144,11 +165,12 @@ class VocabParallel(nn.Module):
 
     def loader(self):
         hi = min(self.start + self.n, self.vocab)
-        return Shard(self.weight[:max(hi - self.start, 0)], rows=slice(self.start, hi))
+        return Shard(self.weight[:max(hi - self.start, 0)], (self.vocab, self.weight.shape[1]),
+                     rows=slice(self.start, hi))
 
 
 class RMSNorm(nn.Module):
-    """Only holds the weight: the norm itself runs inside the comm point (weave.add_rmsnorm_)."""
+    """Only holds the weight: the norm itself runs inside the comm point (comm.add_rmsnorm_)."""
 
     def __init__(self, hidden: int, eps: float):
         super().__init__()
@@ -156,24 +178,25 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden), requires_grad=False)
 
     def loader(self):
-        return Shard(self.weight)
+        return Shard(self.weight, tuple(self.weight.shape))
 
 
 @dataclasses.dataclass
 class Shard:
-    """Where one checkpoint tensor goes: rows x cols of it (this rank's slice) into dest. At TP 1
-    dest has the tensor's full shape, which is how models.make_demo learns the checkpoint layout."""
+    """Where one checkpoint tensor goes: rows x cols of it (this rank's slice) into dest. `full` is
+    the shape the whole tensor must have in the checkpoint: a config.json that disagrees with its
+    tensors is refused, even where this rank's slice would fit (fewer heads, a smaller vocabulary)."""
     dest: torch.Tensor
+    full: tuple
     rows: slice | None = None     # None: all
     cols: slice | None = None
 
     def __call__(self, sl):
         """sl: the tensor in the file (safetensors' lazy slice: only this rank's part is read)."""
+        if tuple(sl.get_shape()) != tuple(self.full):
+            raise UserError(f"expected shape {tuple(self.full)}, the checkpoint has {tuple(sl.get_shape())}")
         rows = self.rows or slice(None)
-        part = sl[rows] if self.cols is None else sl[rows, self.cols]
-        if self.dest.shape != part.shape:
-            raise ValueError(f"expected shape {tuple(self.dest.shape)}, the checkpoint has {tuple(part.shape)}")
-        self.dest.copy_(part)
+        self.dest.copy_(sl[rows] if self.cols is None else sl[rows, self.cols])
 
 
 # ----------------------------------------------------------------------------- rope
@@ -187,8 +210,11 @@ def rope_inv_freq(cfg: Config) -> torch.Tensor:
     if s is None:
         return inv
     kind = s.get("rope_type", s.get("type"))
+    keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
     if kind != "llama3":
-        raise ValueError(f"rope scaling {kind!r} is not supported (only default and llama3)")
+        raise UserError(f"rope scaling {kind!r} is not supported (only default and llama3)")
+    if any(not isinstance(s.get(k), (int, float)) for k in keys):
+        raise UserError(f"llama3 rope scaling needs numbers for {', '.join(keys)}; got {s}")
     old = s["original_max_position_embeddings"]
     wavelen = 2 * math.pi / inv
     smooth = ((old / wavelen - s["low_freq_factor"]) / (s["high_freq_factor"] - s["low_freq_factor"])).clamp(0, 1)
@@ -211,30 +237,28 @@ def apply_rope(x, cos, sin):
 
 # ----------------------------------------------------------------------------- attention and MLP
 
+# A sequence alone in a (half-)step with at least this many tokens attends through cuDNN, which ran
+# causal attention 1.8x faster than FlashAttention-2 on an H200 at 16K tokens (3.5 vs 6.5 ms a
+# layer, 8B shape): up to ~18% of a long prefill. cuDNN builds a plan per new shape (a few ms) and
+# costs more host time per call, which pays only for long prompts, and those are few in any run.
+CUDNN_MIN_TOKENS = 4096
+
 
 class Attention(nn.Module):
-    """GQA attention over a flat KV cache: (slots x max_len, nkv, hd), a token of slot s at position p
-    in row s * max_len + p (Batch.kv_rows). A step writes its K/V there first, then attends."""
+    """GQA attention over the KV cache (rows, nkv, hd): a sequence holds one contiguous range of rows,
+    position p at row span.row + p (batch.py). A step writes its K/V there first, then attends."""
 
-    def __init__(self, cfg: Config, d: Dist, cudnn_split: bool):
+    def __init__(self, cfg: Config, d: Dist, rope: torch.Tensor, ext, cudnn: bool):
         super().__init__()
         if cfg.n_kv_heads % d.world:
-            raise ValueError(f"tensor parallel size {d.world} must divide the {cfg.n_kv_heads} KV heads; "
-                             f"use a TP size that divides {cfg.n_kv_heads}")
+            raise UserError(f"tensor parallel size {d.world} must divide the {cfg.n_kv_heads} KV heads; "
+                            f"use a TP size that divides {cfg.n_kv_heads}")
         self.nh, self.nkv, self.hd = cfg.n_heads // d.world, cfg.n_kv_heads // d.world, cfg.head_dim
         q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
         self.qkv = ColumnParallel(d, cfg.hidden, [q, kv, kv], bias=cfg.qkv_bias, what="attention heads")
         self.o = RowParallel(d, q, cfg.hidden, what="attention heads")
-        self.cudnn_split = cudnn_split
-        self.k_cache = self.v_cache = self.rope = self.ext = None
-        self.max_len = 0
-
-    def allocate_cache(self, n_slots: int, max_len: int, rope: torch.Tensor, ext):
-        """ext: the compiled kernels (bf16 on CUDA), for the fused RoPE + cache write; else None."""
-        self.k_cache = torch.zeros(n_slots * max_len, self.nkv, self.hd, dtype=self.o.weight.dtype,
-                                   device=self.o.weight.device)                # (slots * max_len, nkv, hd)
-        self.v_cache = torch.zeros_like(self.k_cache)
-        self.rope, self.max_len, self.ext = rope, max_len, ext                 # rope shared by all layers
+        self.rope, self.ext, self.cudnn = rope, ext, cudnn   # rope (max_positions, 2, hd), shared by all layers
+        self.k_cache = self.v_cache = None
 
     def forward(self, h, batch: Batch):
         """h (T, H): x in, this rank's partial of o_proj out."""
@@ -250,57 +274,43 @@ class Attention(nn.Module):
             self.k_cache[batch.kv_rows] = qk[:, nh:]
             self.v_cache[batch.kv_rows] = qkv[:, (nh + nkv) * hd:].view(T, nkv, hd)
         o = self.attend(q, batch)                                             # (T, nh, hd)
-        self.o(o.view(T, nh * hd), out=h)
+        self.o(o.reshape(T, nh * hd), out=h)
 
     def attend(self, q, batch: Batch):
-        """q (T, nh, hd) against the cache, which holds this step's keys and values already."""
-        single = batch.n_single
-        if single == batch.T:
-            return self.attend_single(q, batch)
-        o = torch.empty_like(q)
-        if single:
-            o[:single] = self.attend_single(q[:single], batch)
-        off = single
-        for slot, start, n in batch.seqs[single:]:    # prompt chunks: each against its cached prefix
-            qs = q[off:off + n].transpose(0, 1)[None]                         # (1, nh, n, hd)
-            rows = slice(slot * self.max_len, slot * self.max_len + start + n)
-            K, V = (c[rows].transpose(0, 1)[None] for c in (self.k_cache, self.v_cache))   # (1, nkv, start + n, hd)
-            if start == 0:   # a prompt's first chunk: plain causal attention
-                out = F.scaled_dot_product_attention(qs, K, V, is_causal=True, enable_gqa=True)
-            else:
-                out = self.attend_after_prefix(qs, K, V, start)
-            o[off:off + n] = out[0].transpose(0, 1)
-            off += n
+        """q (T, nh, hd) against the cache, which holds this step's keys and values already. Each
+        span's queries see its keys up to their own positions (the causal mask aligned to the span's
+        end). FlashAttention's variable-length kernel reads every span's keys in place, in two calls
+        at most: the decode tokens, then the prompt chunks. One call for both runs every decode token
+        as a tile of 128 queries: `bench.py serve` (1000 x 1024/128, budget 2048, H200) made 2024
+        output tok/s that way and 3211 with two calls."""
+        if not q.is_cuda:
+            return attend_reference(q, self.k_cache, self.v_cache, batch)
+        if self.cudnn and len(batch.spans) == 1 and batch.T >= CUDNN_MIN_TOKENS:
+            return self.attend_cudnn(q, batch.spans[0])
+        s, n = batch.n_single, len(batch.spans)
+        flash = lambda q, cu_q, kv_starts, kv_lens, max_q: torch.ops.aten._flash_attention_forward(  # noqa: E731
+            q, self.k_cache, self.v_cache, cu_q, kv_starts, max_q, batch.max_k, 0.0, True, False, seqused_k=kv_lens)[0]
+        if s in (0, n):                                                       # one kind of span: one call
+            return flash(q, batch.cu_q, batch.kv_starts, batch.kv_lens, batch.max_q)   # (T, nh, hd)
+        o = q.new_empty(q.shape)
+        o[:s] = flash(q[:s], batch.cu_q[:s + 1], batch.kv_starts[:s + 1], batch.kv_lens[:s], 1)
+        o[s:] = flash(q[s:], batch.cu_c, batch.kv_starts[s:], batch.kv_lens[s:], batch.max_q)
         return o
 
-    def attend_single(self, q, batch: Batch):
-        """One query per sequence (decode), all sequences in one call that reads the cache in place:
-        FlashAttention's variable-length kernel with per-sequence key ranges [kv_starts, + ctx_lens).
-        Elsewhere (CPU), the same through SDPA over the gathered rows."""
-        B = q.shape[0]
-        if q.is_cuda:
-            return torch.ops.aten._flash_attention_forward(
-                q, self.k_cache, self.v_cache, batch.q_starts, batch.kv_starts, 1, self.max_len, 0.0, False, False,
-                seqused_k=batch.ctx_lens)[0]                                   # (B, nh, hd)
-        L = max(start + 1 for _, start, _ in batch.seqs[:B])
-        rows = batch.kv_starts[:B, None] + torch.arange(L, device=q.device)    # (B, L)
-        K, V = (c[rows].transpose(1, 2) for c in (self.k_cache, self.v_cache))   # (B, nkv, L, hd)
-        mask = torch.arange(L, device=q.device) < batch.ctx_lens[:, None]      # (B, L)
-        o = F.scaled_dot_product_attention(q[:, :, None], K, V, attn_mask=mask[:, None, None], enable_gqa=True)
-        return o[:, :, 0]                                                      # (B, nh, hd)
-
-    def attend_after_prefix(self, q, k, v, start: int):
-        """q (1, nh, n, hd) at positions start.. of a sequence; k, v (1, nkv, start + n, hd): each query
-        sees the whole prefix and, causally, its own chunk. On CUDA that is two cuDNN calls merged by
-        their log-sum-exp: SDPA routes the lower-right causal mask to a FlashAttention-2 kernel that
-        ran 1.7x slower per FLOP than cuDNN on H200, which cost the weave ~10% at 16K tokens."""
-        if self.cudnn_split and q.is_cuda:
-            k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))   # (1, nh, L, hd)
-            o1, lse1 = cudnn_attention(q, k[:, :, :start], v[:, :, :start], causal=False)    # the prefix
-            o2, lse2 = cudnn_attention(q, k[:, :, start:], v[:, :, start:], causal=True)     # the chunk
-            return torch.lerp(o2.float(), o1.float(), torch.sigmoid(lse1 - lse2)).to(q.dtype)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(q.shape[2], k.shape[2]),
-                                              enable_gqa=True)
+    def attend_cudnn(self, q, span):
+        """One long span: plain causal attention if it starts a sequence; after a prefix, two cuDNN
+        calls (the prefix, then the span causally) merged by their log-sum-exp."""
+        rows = slice(span.row, span.row + span.start + span.n)
+        k, v = (c[rows].transpose(0, 1)[None] for c in (self.k_cache, self.v_cache))   # (1, nkv, start + n, hd)
+        q = q.transpose(0, 1)[None]                                           # (1, nh, n, hd)
+        if span.start == 0:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        else:
+            k, v = (t.repeat_interleave(self.nh // self.nkv, dim=1) for t in (k, v))   # (1, nh, start + n, hd)
+            o1, lse1 = cudnn_attention(q, k[:, :, :span.start], v[:, :, :span.start], causal=False)
+            o2, lse2 = cudnn_attention(q, k[:, :, span.start:], v[:, :, span.start:], causal=True)
+            o = torch.lerp(o2.float(), o1.float(), torch.sigmoid(lse1 - lse2)).to(q.dtype)
+        return o[0].transpose(0, 1)                                           # (n, nh, hd)
 
     def loaders(self, p: str) -> dict:
         out = {f"{p}.{n}_proj.weight": self.qkv.loader(i) for i, n in enumerate("qkv")}
@@ -309,14 +319,27 @@ class Attention(nn.Module):
         return out | {f"{p}.o_proj.weight": self.o.loader()}
 
 
+def attend_reference(q, k_cache, v_cache, batch: Batch):
+    """What the variable-length kernel computes, one span at a time (CPU, and the GPU tests)."""
+    o, off = torch.empty_like(q), 0
+    for s in batch.spans:
+        qs = q[off:off + s.n].transpose(0, 1)[None]                           # (1, nh, n, hd)
+        K, V = (c[s.row:s.row + s.start + s.n].transpose(0, 1)[None] for c in (k_cache, v_cache))  # (1, nkv, start + n, hd)
+        mask = causal_lower_right(s.n, s.start + s.n) if s.start else None    # a chunk sees its prefix
+        out = F.scaled_dot_product_attention(qs, K, V, attn_mask=mask, is_causal=not s.start, enable_gqa=True)
+        o[off:off + s.n] = out[0].transpose(0, 1)
+        off += s.n
+    return o
+
+
 def cudnn_attention(q, k, v, causal: bool):
     """Attention output (1, nh, n, hd) and its log-sum-exp (1, nh, n, 1), from cuDNN."""
     out = torch.ops.aten._scaled_dot_product_cudnn_attention(q.contiguous(), k, v, None, True, 0.0, causal, False)
     return out[0], out[1].reshape(out[0].shape[:-1]).unsqueeze(-1).float()
 
 
-def cudnn_split_works(device: torch.device, dtype) -> str:
-    """'' if the split cuDNN attention runs here, else why not (an older cuDNN or torch)."""
+def cudnn_works(device: torch.device, dtype) -> str:
+    """'' if cuDNN attention runs here, else why not (an older cuDNN or torch)."""
     if device.type != "cuda":
         return "not on CUDA"
     try:
@@ -349,27 +372,30 @@ class MLP(nn.Module):
 
 
 class Layer(nn.Module):
-    def __init__(self, cfg: Config, d: Dist, mlp_cls, cudnn_split: bool):
+    def __init__(self, cfg: Config, d: Dist, mlp_cls, rope, ext, cudnn: bool):
         super().__init__()
         self.input_norm = RMSNorm(cfg.hidden, cfg.eps)
-        self.attn = Attention(cfg, d, cudnn_split)
+        self.attn = Attention(cfg, d, rope, ext, cudnn)
         self.post_attn_norm = RMSNorm(cfg.hidden, cfg.eps)
         self.mlp = mlp_cls(cfg, d)
 
 
 class Transformer(nn.Module):
+    """Built on the current default device and dtype (models.build sets both)."""
     MLP = MLP              # Mixtral swaps in its MoE block
-    weave_threshold = 1024  # tokens below which no split pays
+    weave_threshold = 1024  # tokens below which no split pays (weave.Tuning's default)
 
     def __init__(self, cfg: Config, d: Dist):
         super().__init__()
         self.cfg, self.d = cfg, d
-        why = cudnn_split_works(d.device, torch.get_default_dtype())
+        dtype = torch.get_default_dtype()
+        why = cudnn_works(d.device, dtype)
         if why and d.device.type == "cuda" and d.rank == 0:
-            warnings.warn(f"split cuDNN attention unavailable ({why}); chunks after a cached prefix use "
-                          f"SDPA's lower-right causal mask (slower)", stacklevel=2)
+            warnings.warn(f"cuDNN attention unavailable ({why}); long prompts use FlashAttention (slower)", stacklevel=2)
+        rope = rope_table(cfg, cfg.max_positions, dtype, d.device)
+        ext = load_ext(d) if dtype == torch.bfloat16 and cfg.head_dim % 8 == 0 else None   # RoPE + cache write
         self.embed_tokens = VocabParallel(d, cfg.vocab, cfg.hidden)
-        self.layers = nn.ModuleList(Layer(cfg, d, self.MLP, not why) for _ in range(cfg.n_layers))
+        self.layers = nn.ModuleList(Layer(cfg, d, self.MLP, rope, ext, not why) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.hidden, cfg.eps)
         self.head = self.embed_tokens if cfg.tie_embeddings else VocabParallel(d, cfg.vocab, cfg.hidden)
         a = self.layers[0].attn
@@ -392,22 +418,21 @@ class Transformer(nn.Module):
         """x (B, H) final-normed -> (B, V/N) this rank's logits."""
         return F.linear(x, self.head.weight)
 
-    def allocate_cache(self, n_slots: int, max_len: int):
-        """KV cache for n_slots sequences of up to max_len positions each (and their RoPE table)."""
-        if max_len > self.cfg.max_positions:
-            raise ValueError(f"{max_len} positions exceed the model's context of {self.cfg.max_positions}")
-        for layer in self.layers:      # the old cache goes first: two would not fit
+    def allocate_cache(self, rows: int):
+        """A KV cache of `rows` positions in all (sequences hold ranges of it), or none (rows 0)."""
+        for layer in self.layers:      # the old cache goes first: two might not fit
             layer.attn.k_cache = layer.attn.v_cache = None
-        w = self.norm.weight
-        rope = rope_table(self.cfg, max_len, w.dtype, w.device)
-        ext = load_ext(self.d) if w.dtype == torch.bfloat16 and self.cfg.head_dim % 8 == 0 else None
+        if not rows:
+            return
+        a, w = self.layers[0].attn, self.norm.weight
         for layer in self.layers:
-            layer.attn.allocate_cache(n_slots, max_len, rope, ext)
+            layer.attn.k_cache = torch.zeros(rows, a.nkv, a.hd, dtype=w.dtype, device=w.device)   # (rows, nkv, hd)
+            layer.attn.v_cache = torch.zeros_like(layer.attn.k_cache)
 
-    def cache_bytes(self, n_slots: int, max_len: int) -> int:
-        """What allocate_cache takes on this rank: K and V of every layer."""
+    def cache_bytes(self, rows: int) -> int:
+        """What allocate_cache(rows) takes on this rank: K and V of every layer."""
         a = self.layers[0].attn
-        return 2 * len(self.layers) * n_slots * max_len * a.nkv * a.hd * self.norm.weight.element_size()
+        return 2 * len(self.layers) * rows * a.nkv * a.hd * self.norm.weight.element_size()
 
     def loaders(self) -> dict:
         """Checkpoint tensor name -> the Shard that copies this rank's slice of it into place."""
@@ -432,66 +457,3 @@ class Transformer(nn.Module):
             else:
                 p.normal_(0, 0.02, generator=g)
         return self
-
-
-# ----------------------------------------------------------------------------- loading
-
-
-def build(cls, cfg: Config, d: Dist, dtype: torch.dtype) -> Transformer:
-    """The sharded model on d.device in `dtype`, weights uninitialized (nothing is materialized
-    twice; RoPE frequencies stay fp32)."""
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(d.device):
-            return cls(cfg, d)
-    finally:
-        torch.set_default_dtype(default)
-
-
-@torch.no_grad()
-def load_checkpoint(model: Transformer, path: str, log=print):
-    """Copies this rank's slice of every tensor from the safetensors files in `path` (one file, or
-    shards listed by model.safetensors.index.json) into the model, reading only that slice."""
-    from safetensors import safe_open
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.exists(index):
-        try:
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
-        except (ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"{index} is not a safetensors index (no readable weight_map: {e})") from None
-    elif os.path.exists(os.path.join(path, "model.safetensors")):
-        weight_map = None
-    else:
-        raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}")
-    loaders = model.loaders()
-    if weight_map is not None:
-        missing = sorted(set(loaders) - set(weight_map))
-        files = sorted(set(weight_map[n] for n in loaders if n in weight_map))
-    else:
-        files, missing = ["model.safetensors"], []
-    t0, seen = time.time(), set()
-    for i, fname in enumerate(files):
-        fpath = os.path.join(path, fname)
-        if not os.path.exists(fpath):
-            raise FileNotFoundError(f"checkpoint shard {fname} is listed in the index but missing from {path}")
-        try:
-            with safe_open(fpath, framework="pt", device="cpu") as f:
-                for name in f.keys():
-                    if name in loaders:
-                        try:
-                            loaders[name](f.get_slice(name))
-                        except ValueError as e:   # a shape that does not fit
-                            raise ValueError(f"tensor {name} in {fpath}: {e}") from None
-                        seen.add(name)
-        except ValueError:
-            raise
-        except Exception as e:      # safetensors' own errors: a truncated or corrupt file
-            raise ValueError(f"{fpath} is not a readable safetensors file ({type(e).__name__}: {e}); "
-                             f"it may be truncated: download it again") from None
-        log(f"loaded shard {i + 1}/{len(files)} ({fname}) in {time.time() - t0:.1f}s")
-    missing = missing or sorted(set(loaders) - seen)
-    if missing:
-        raise ValueError(f"checkpoint {path} lacks {len(missing)} tensors, e.g. {missing[0]}")
-    return model

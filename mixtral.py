@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import llama
-from comm import Dist
+from batch import Batch
+from comm import Dist, UserError
 from llama import Shard
-from weave import Batch
 
 
 @dataclasses.dataclass
@@ -29,9 +29,12 @@ class Config(llama.Config):
         # transformers' Mixtral defaults, where a config.json leaves these out, differ from Llama's.
         cfg = super().from_hf({"rope_theta": 1e6, "rms_norm_eps": 1e-5, "max_position_embeddings": 131072} | c)
         if (c.get("sliding_window") or cfg.max_positions) < cfg.max_positions:
-            raise ValueError(f"config.json sets sliding_window: {c['sliding_window']}, shorter than the context; "
-                             f"sliding-window attention is not supported")
-        return dataclasses.replace(cfg, n_experts=c.get("num_local_experts", 8), top_k=c.get("num_experts_per_tok", 2))
+            raise UserError(f"sets sliding_window: {c['sliding_window']}, shorter than the context; "
+                            f"sliding-window attention is not supported")
+        experts, k = llama.need(c, "num_local_experts", 8), llama.need(c, "num_experts_per_tok", 2)
+        if k > experts:
+            raise UserError(f"sets num_experts_per_tok {k} above num_local_experts {experts}")
+        return dataclasses.replace(cfg, n_experts=experts, top_k=k)
 
 
 class MoE(nn.Module):
@@ -66,13 +69,14 @@ class MoE(nn.Module):
         h.zero_().index_add_(0, tokens, (y * weights.flatten()[order, None]).to(h.dtype))
 
     def loaders(self, p: str) -> dict:
-        r, n = self.d.rank, self.n
-        mine = slice(r * n, (r + 1) * n)
-        out = {f"{p}.gate.weight": Shard(self.router)}
+        r, n, H = self.d.rank, self.n, self.w2.shape[1]
+        mine, full = slice(r * n, (r + 1) * n), n * self.d.world
+        out = {f"{p}.gate.weight": Shard(self.router, tuple(self.router.shape))}
         for e in range(self.w13.shape[0]):
             q = f"{p}.experts.{e}"
-            out |= {f"{q}.w1.weight": Shard(self.w13[e, :n], rows=mine), f"{q}.w3.weight": Shard(self.w13[e, n:], rows=mine),
-                    f"{q}.w2.weight": Shard(self.w2[e], cols=mine)}
+            out |= {f"{q}.w1.weight": Shard(self.w13[e, :n], (full, H), rows=mine),
+                    f"{q}.w3.weight": Shard(self.w13[e, n:], (full, H), rows=mine),
+                    f"{q}.w2.weight": Shard(self.w2[e], (H, full), cols=mine)}
         return out
 
 

@@ -1,12 +1,17 @@
-"""The model families, their full-size presets, and where a model comes from: a local HF directory,
-a hub id, a preset (random weights, for benchmarks) or the tiny demo checkpoint made here.
+"""The model families and their full-size presets; where a model comes from (a local HF directory,
+a hub id, a preset with random weights for benchmarks, or the tiny demo checkpoint made here); its
+weights, of which each rank reads only its slices; and its tokenizer.
 
-    model = models.load(models.resolve("meta-llama/Llama-3.3-70B-Instruct", d), d, torch.bfloat16)
-    model = models.load("llama-3.3-70b", d, torch.bfloat16, layers=8)        # random weights
+    path = models.resolve("meta-llama/Llama-3.3-70B-Instruct", d)      # downloads once
+    model = models.load(path, d, torch.bfloat16)
+    model = models.load("llama-3.3-70b", d, torch.bfloat16, layers=8)  # random weights
 """
 import dataclasses
 import json
 import os
+import shutil
+import tempfile
+import time
 
 import torch
 import torch.distributed as dist
@@ -14,23 +19,16 @@ import torch.distributed as dist
 import llama
 import mixtral
 import qwen
-from comm import Dist
+from comm import Dist, UserError
 
 FAMILIES = {"llama": llama, "qwen2": qwen, "mixtral": mixtral}   # config.json model_type -> model file
 PRESETS = {name: hf for module in FAMILIES.values() for name, hf in module.PRESETS.items()}   # real config.json values
 DEMO_DIR = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "tokenweave", "demo-llama-v2")
+# Tensors some exporters write that no model here reads (rotary caches): skipped by name.
+HARMLESS = ("rotary_emb.inv_freq",)
 
 
-def config(hf: dict):
-    """(model file, its Config) for a config.json's contents."""
-    kind = hf.get("model_type")
-    if kind not in FAMILIES:
-        raise ValueError(f"model_type {kind!r} is not supported; supported: {', '.join(FAMILIES)}")
-    module = FAMILIES[kind]
-    return module, module.Config.from_hf(hf)
-
-
-def read_json(path: str, name: str) -> dict:
+def read_json(path: str, name: str):
     """path/name parsed, {} if absent; a clear error if it is not JSON."""
     f = os.path.join(path, name)
     if not os.path.exists(f):
@@ -39,49 +37,203 @@ def read_json(path: str, name: str) -> dict:
         with open(f) as fh:
             return json.load(fh)
     except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"{f} is not valid JSON: {e}") from None
+        raise UserError(f"{f} is not valid JSON: {e}") from None
+
+
+def config(spec: str):
+    """(model file, its Config) for a preset name or a checkpoint directory; errors name the file."""
+    if spec in PRESETS:
+        hf, where = PRESETS[spec], f"preset {spec}"
+    else:
+        where = os.path.join(spec, "config.json")
+        if not os.path.exists(where):
+            raise UserError(f"no config.json in {spec}: --model needs a checkpoint directory in HF layout "
+                            f"(config.json, *.safetensors, tokenizer.json)")
+        hf = read_json(spec, "config.json")
+        if not isinstance(hf, dict):
+            raise UserError(f"{where} is not a model config (a JSON object with model_type, hidden_size, ...)")
+    kind = hf.get("model_type")
+    if kind not in FAMILIES:
+        raise UserError(f"{where}: model_type {kind!r} is not supported; supported: {', '.join(FAMILIES)}")
+    try:
+        return FAMILIES[kind], FAMILIES[kind].Config.from_hf(hf)
+    except UserError as e:
+        raise UserError(f"{where} {e}") from None
+
+
+def build(cls, cfg, d: Dist, dtype: torch.dtype):
+    """The sharded model on d.device in `dtype`, weights uninitialized (nothing is materialized
+    twice; RoPE frequencies are computed in fp32)."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(d.device):
+            return cls(cfg, d)
+    finally:
+        torch.set_default_dtype(default)
 
 
 def load(spec: str, d: Dist, dtype: torch.dtype, layers: int | None = None, log=lambda s: None):
     """The sharded model: a preset name (random weights) or a checkpoint directory (see resolve).
     layers: keep only the first this many layers (quick benchmarks)."""
-    if spec in PRESETS:
-        module, cfg = config(PRESETS[spec])
-    else:
-        hf = read_json(spec, "config.json")
-        if not hf:
-            raise FileNotFoundError(f"no config.json in {spec}")
-        module, cfg = config(hf)
+    module, cfg = config(spec)
     if layers:
         cfg = dataclasses.replace(cfg, n_layers=layers)
-    model = llama.build(module.Transformer, cfg, d, dtype)
+    model = build(module.Transformer, cfg, d, dtype)
     if spec in PRESETS:
         return model.init_random_()
-    log(f"loading {spec} ({cfg.model_type}, {cfg.n_layers} layers, TP {d.world}, {dtype}) on {d.device.type}")
-    return llama.load_checkpoint(model, spec, log=log)
+    log(f"loading {spec} ({cfg.model_type}, {cfg.n_layers} layers, TP {d.world}, {str(dtype)[6:]}) on {d.device.type}")
+    return load_checkpoint(model, spec, log, partial=bool(layers))
 
 
-def eos_ids(model, path: str) -> set:
+@torch.no_grad()
+def load_checkpoint(model, path: str, log=print, partial: bool = False):
+    """Copies this rank's slice of every tensor from the safetensors files in `path` (one file, or
+    shards listed by model.safetensors.index.json) into the model, reading only that slice. Every
+    tensor must have the full shape the config implies, and every tensor in the checkpoint must be
+    used (but HARMLESS ones; a `partial` model, its first layers only, leaves the rest unread)."""
+    from safetensors import safe_open
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        weight_map = read_json(path, "model.safetensors.index.json")
+        if not isinstance(weight_map, dict) or not isinstance(weight_map.get("weight_map"), dict):
+            raise UserError(f"{index} is not a safetensors index (no weight_map)")
+        weight_map = weight_map["weight_map"]
+    elif os.path.exists(os.path.join(path, "model.safetensors")):
+        weight_map = {name: "model.safetensors" for name in tensor_names(os.path.join(path, "model.safetensors"))}
+    else:
+        raise UserError(f"no model.safetensors or model.safetensors.index.json in {path}")
+    loaders, cfg = model.loaders(), model.cfg
+    missing = sorted(set(loaders) - set(weight_map))
+    if missing:
+        raise UserError(f"checkpoint {path} lacks {len(missing)} tensors, e.g. {missing[0]}")
+    unused = sorted(n for n in weight_map if n not in loaders and not n.endswith(HARMLESS)
+                    and not (cfg.tie_embeddings and n == "lm_head.weight"))   # tied: transformers ignores it too
+    if unused and not partial:
+        raise UserError(f"checkpoint {path} has {len(unused)} tensors the model does not use, e.g. {unused[0]}: "
+                        f"its config.json ({cfg.n_layers} layers, {cfg.n_heads} heads, ...) does not match the "
+                        f"weights; use the config.json that belongs to them")
+    files = sorted(set(weight_map[n] for n in loaders))
+    t0 = time.time()
+    for i, fname in enumerate(files):
+        fpath = os.path.join(path, fname)
+        if not os.path.exists(fpath):
+            raise UserError(f"checkpoint shard {fname} is listed in the index but missing from {path}")
+        with open_safetensors(fpath) as f:
+            for name in f.keys():
+                if name in loaders:
+                    try:
+                        loaders[name](f.get_slice(name))
+                    except UserError as e:   # a shape that disagrees with config.json
+                        raise UserError(f"tensor {name} in {fpath}: {e}; config.json does not match the "
+                                        f"weights") from None
+        log(f"loaded shard {i + 1}/{len(files)} ({fname}) in {time.time() - t0:.1f}s")
+    return model
+
+
+class open_safetensors:
+    """safe_open, with safetensors' own errors (a truncated or corrupt file) as one clear line."""
+
+    def __init__(self, fpath):
+        self.fpath = fpath
+
+    def __enter__(self):
+        from safetensors import safe_open
+        try:
+            self.f = safe_open(self.fpath, framework="pt", device="cpu")
+            return self.f.__enter__()
+        except Exception as e:   # safetensors raises its own SafetensorError and OSError
+            raise UserError(f"{self.fpath} is not a readable safetensors file ({type(e).__name__}: {e}); "
+                            f"it may be truncated: download it again") from None
+
+    def __exit__(self, *exc):
+        return self.f.__exit__(*exc)
+
+
+def tensor_names(fpath: str) -> list:
+    with open_safetensors(fpath) as f:
+        return list(f.keys())
+
+
+def eos_ids(cfg, path: str | None) -> set:
     """The ids that end a sequence: config.json's and generation_config.json's."""
-    gen = read_json(path, "generation_config.json").get("eos_token_id")
-    return set(model.cfg.eos_ids) | set(gen if isinstance(gen, list) else [gen] if gen is not None else [])
+    gen = read_json(path, "generation_config.json").get("eos_token_id") if path else None
+    return set(cfg.eos_ids) | set(gen if isinstance(gen, list) else [gen] if gen is not None else [])
+
+
+# ----------------------------------------------------------------------------- the tokenizer
+
+
+class Tokenizer:
+    """A checkpoint's tokenizer.json (the `tokenizers` library) and its chat template."""
+
+    def __init__(self, path: str, vocab: int):
+        from tokenizers import Tokenizer as HFTokenizer
+        f = os.path.join(path, "tokenizer.json")
+        if not os.path.exists(f):
+            raise UserError(f"no tokenizer.json in {path}: this runner needs a `tokenizers` tokenizer file")
+        try:
+            self.tok = HFTokenizer.from_file(f)
+        except Exception as e:   # the tokenizers library raises a bare Exception
+            raise UserError(f"{f} is not a readable tokenizer ({e}); it may be truncated: download it again") from None
+        ids = max(self.tok.get_vocab(with_added_tokens=True).values(), default=-1) + 1
+        if ids > vocab:
+            raise UserError(f"{f} has token ids up to {ids - 1}, but the model has {vocab} embedding rows "
+                            f"(config.json vocab_size): those ids would embed as zeros; use the tokenizer "
+                            f"that belongs to this checkpoint")
+        self.path, self.config = path, read_json(path, "tokenizer_config.json")
+
+    def encode(self, prompts: list, chat: bool = False) -> list:
+        """Token ids of each prompt, wrapped in the chat template when `chat`."""
+        if not chat:
+            return [self.tok.encode(p).ids for p in prompts]
+        render = self.chat_template()
+        return [self.tok.encode(render(p), add_special_tokens=False).ids for p in prompts]
+
+    def decode(self, ids: list) -> str:
+        return self.tok.decode(ids)
+
+    def chat_template(self):
+        """prompt -> the text the checkpoint's chat template makes of one user message."""
+        import jinja2
+        tc, where = self.config, os.path.join(self.path, "tokenizer_config.json")
+        template = tc.get("chat_template")
+        if isinstance(template, list):   # named templates: take the default one
+            template = next((t["template"] for t in template if t.get("name") == "default"), template[0]["template"])
+        if not template:
+            raise UserError(f"--chat: the checkpoint in {self.path} has no chat template (tokenizer_config.json)")
+        special = lambda v: (v.get("content") if isinstance(v, dict) else v) or ""   # noqa: E731
+        try:
+            t = jinja2.Environment().from_string(template)
+            render = lambda p: t.render(messages=[{"role": "user", "content": p}], add_generation_prompt=True,  # noqa: E731
+                                        bos_token=special(tc.get("bos_token")), eos_token=special(tc.get("eos_token")))
+            render("")
+        except jinja2.TemplateError as e:
+            raise UserError(f"--chat: the chat template in {where} does not render ({type(e).__name__}: {e}); "
+                            f"fix it, or leave --chat out") from None
+        return render
 
 
 # ----------------------------------------------------------------------------- where a checkpoint comes from
 
 
 def resolve(name: str | None, d: Dist) -> str:
-    """A checkpoint directory for --model: None is the demo (made once), a directory is itself, a
-    hub id is downloaded (config, safetensors, tokenizer) by rank 0 first."""
+    """A checkpoint directory or preset for --model: None is the demo (made once), a preset or a
+    directory is itself, a hub id is downloaded (config, safetensors, tokenizer) by rank 0 first."""
     if name is None:
-        first_rank_then_others(d, lambda: os.path.isdir(DEMO_DIR) or make_demo(DEMO_DIR))
+        try:
+            first_rank_then_others(d, lambda: os.path.isdir(DEMO_DIR) or make_demo(DEMO_DIR))
+        except OSError as e:
+            why = f"{e.strerror}: {e.filename}" if e.strerror and e.filename else str(e)
+            raise UserError(f"cannot create the demo model in {DEMO_DIR} ({why}); set XDG_CACHE_HOME to a "
+                            f"writable directory, or pass --model") from None
         return DEMO_DIR
-    if os.path.isdir(name):
+    if name in PRESETS or os.path.isdir(name):
         return name
     if os.path.exists(name):
-        raise FileNotFoundError(f"model {name} is a file: give the checkpoint's directory")
+        raise UserError(f"model {name} is a file: give the checkpoint's directory")
     if name.startswith((".", "/", "~")) or os.sep in name.strip("/").replace("/", "", 1):
-        raise FileNotFoundError(f"model {name}: no such directory")
+        raise UserError(f"model {name}: no such directory")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
 
@@ -89,12 +241,12 @@ def resolve(name: str | None, d: Dist) -> str:
         try:
             return snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "tokenizer*"], **kw)
         except GatedRepoError:
-            raise ValueError(f"{name} is gated: accept its license on the hub and log in (`hf auth login`)") from None
+            raise UserError(f"{name} is gated: accept its license on the hub and log in (`hf auth login`)") from None
         except RepositoryNotFoundError:
-            raise FileNotFoundError(f"model {name}: not a local directory, nor a model on the hub") from None
+            raise UserError(f"model {name}: not a local directory, nor a model on the hub") from None
         except LocalEntryNotFoundError:
-            raise ConnectionError(f"cannot download {name}: offline and not in the local cache; "
-                                  f"download it where there is network, or pass a local directory") from None
+            raise UserError(f"cannot download {name}: offline and not in the local cache; "
+                            f"download it where there is network, or pass a local directory") from None
     first_rank_then_others(d, download)
     return download(local_files_only=True) if d.rank else download()
 
@@ -115,14 +267,18 @@ DEMO_CONFIG = dict(model_type="llama", hidden_size=128, num_hidden_layers=4, num
 
 def make_demo(path: str):
     """A tiny random-weight Llama in HF layout with a BPE tokenizer trained here: enough to run the
-    whole system without downloading anything. Written to a temporary directory, then renamed."""
+    whole system without downloading anything. Written to a temporary directory beside `path`, then
+    renamed into place: a process that loses the race to another one finds the demo made, which is
+    success, and no temporary directory is left behind either way."""
     from safetensors.torch import save_file
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, pre_tokenizers, processors, trainers
+    from tokenizers import models as tok_models
     text = ("TokenWeave splits the tokens of a step into two halves and overlaps the communication of one "
             "half with the computation of the other. The quick brown fox jumps over the lazy dog. "
             "Tensor parallel layers end with an all-reduce; fusing it with the residual add and RMSNorm "
             "saves memory traffic. Once upon a time there was a small model with random weights.")
-    tok = Tokenizer(models.BPE())
+    tok = HFTokenizer(tok_models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=384, special_tokens=["<s>", "</s>"], show_progress=False,
@@ -130,22 +286,27 @@ def make_demo(path: str):
     tok.train_from_iterator([text] * 50, trainer)
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
     hf = DEMO_CONFIG | {"vocab_size": tok.get_vocab_size()}
-    # The checkpoint's tensor names and shapes are the model's own loaders' (at TP 1, each Shard's
-    # destination is the whole tensor), built on the meta device: no memory.
-    meta = llama.build(llama.Transformer, llama.Config.from_hf(hf), Dist(device=torch.device("meta")), torch.float)
+    # The checkpoint's tensor names and shapes are the model's own loaders', built on the meta device.
+    meta = build(llama.Transformer, llama.Config.from_hf(hf), Dist(device=torch.device("meta")), torch.float)
     g = torch.Generator().manual_seed(1234)
-    tensors = {name: (torch.ones(s.dest.shape) if name.endswith("norm.weight") else   # std 1/sqrt(fan in):
-                      torch.randn(s.dest.shape, generator=g) / s.dest.shape[-1] ** 0.5    # clear winners
+    tensors = {name: (torch.ones(s.full) if name.endswith("norm.weight") else   # std 1/sqrt(fan in):
+                      torch.randn(s.full, generator=g) / s.full[-1] ** 0.5      # clear winners
                       ).to(torch.bfloat16) for name, s in sorted(meta.loaders().items())}
-    tmp = f"{path}.tmp{os.getpid()}"
-    os.makedirs(tmp, exist_ok=True)
-    save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-    tok.save(os.path.join(tmp, "tokenizer.json"))
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-        json.dump(hf | {"architectures": ["LlamaForCausalLM"]}, f, indent=1)
-    with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
-        json.dump({"bos_token": "<s>", "eos_token": "</s>", "chat_template":
-                   "{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-                   "{% if add_generation_prompt %}assistant:{% endif %}"}, f, indent=1)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    os.replace(tmp, path)
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp", dir=os.path.dirname(path))
+    try:
+        save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        tok.save(os.path.join(tmp, "tokenizer.json"))
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(hf | {"architectures": ["LlamaForCausalLM"]}, f, indent=1)
+        with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
+            json.dump({"bos_token": "<s>", "eos_token": "</s>", "chat_template":
+                       "{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                       "{% if add_generation_prompt %}assistant:{% endif %}"}, f, indent=1)
+        try:
+            os.rename(tmp, path)
+        except OSError:
+            if not os.path.isdir(path):   # not a lost race: a real error
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

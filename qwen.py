@@ -7,6 +7,7 @@ column-parallel like their weights: rank r holds the bias entries of its own hea
 import dataclasses
 
 import llama
+from comm import UserError
 
 
 @dataclasses.dataclass
@@ -18,8 +19,8 @@ class Config(llama.Config):
     def from_hf(cls, c: dict) -> "Config":
         # Sliding-window layers would need a windowed mask and cache; this attention sees the whole prefix.
         if c.get("use_sliding_window") or "sliding_attention" in (c.get("layer_types") or ()):
-            raise ValueError("config.json sets use_sliding_window: true; sliding-window attention is not "
-                             "supported (Qwen2.5 checkpoints ship with it off)")
+            raise UserError("sets use_sliding_window: true; sliding-window attention is not supported "
+                            "(Qwen2.5 checkpoints ship with it off)")
         return super().from_hf(c)
 
 

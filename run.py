@@ -3,40 +3,49 @@
     torchrun --nproc-per-node 4 run.py --model meta-llama/Llama-3.3-70B-Instruct --chat --prompt "Hi"
     torchrun --nproc-per-node 2 run.py          # a tiny random-weight demo model, created once
     python run.py --prompts-file prompts.txt --json > out.jsonl
+    cat prompts.txt | python run.py --prompts-file - --json
 
 The tensor-parallel size is the number of processes torchrun starts (--nproc-per-node); plain
-`python run.py` runs on one GPU (or the CPU). Any number of prompts stream through a fixed KV
-cache: each step packs the running sequences' next tokens and chunks of waiting prompts into one
-batch of at most --max-step-tokens, and a large step is split in two halves whose communication
-and computation overlap. One prompt is printed as it is generated; many are printed in input order
+`python run.py` runs on one GPU (or the CPU). Any number of prompts stream through the KV cache:
+each step packs the running sequences' next tokens and chunks of waiting prompts into one batch of
+at most --max-step-tokens, and a large step is split in two halves whose communication and
+computation overlap. One prompt is printed as it is generated; many are printed in input order
 (or, with --json, one line each as it finishes), with a progress line on stderr.
+
+Exit codes: 0 every prompt completed; 1 a prompt or the run failed (the error: line says why); 2 a
+bad command line; 130 interrupted (Ctrl-C).
 """
-import argparse
-import gc
-import json
-import math
-import os
-import sys
 import time
 
-import torch
-import torch.distributed as dist
+STARTED = time.perf_counter()   # before the heavy imports: start-up counts from here
 
-import comm
-import engine
-import models
-import weave
+import argparse  # noqa: E402
+import gc  # noqa: E402
+import io  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+import comm  # noqa: E402
+import engine  # noqa: E402
+import models  # noqa: E402
+from comm import UserError  # noqa: E402
 
 DEFAULT_PROMPT = {"demo": "The quick brown fox", "model": "Tell me about tensor parallelism."}
+STDIN = ("-", "/dev/stdin")
 
 
-class UsageError(ValueError):
+class UsageError(UserError):
     """A bad command line: reported as one line on rank 0, exit code 2."""
 
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):   # argparse would print and exit on every rank
-        raise UsageError(message)
+        raise UsageError(f"{message} (see python run.py --help)")
 
     def print_help(self, file=None):   # --help: once, not once per rank
         if int(os.environ.get("RANK", 0)) == 0:
@@ -61,47 +70,62 @@ def parse_args(argv=None):
     p.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for several. Default, when "
                    f"no prompt is given: {DEFAULT_PROMPT['demo']!r} (demo) or {DEFAULT_PROMPT['model']!r}")
     p.add_argument("--prompts-file", help="a UTF-8 text file with one prompt per line (blank lines skipped), "
-                   "added after the --prompt ones")
+                   "added after the --prompt ones; - (or /dev/stdin) reads standard input")
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the checkpoint's chat template")
     p.add_argument("--max-new-tokens", type=positive("max-new-tokens"), default=64,
                    help="tokens to generate per prompt, at most (default 64)")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the smallest set of tokens "
                    "whose probability reaches this, in (0, 1] (default 1.0 = all)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sampler; matters only with --temperature > 0 "
-                   "(default 0)")
-    p.add_argument("--max-seqs", type=positive("max-seqs"), default=64, help="sequences generated at once: the "
-                   "KV cache holds this many (default 64; lowered to what fits in GPU memory)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampler; matters only with --temperature > 0. "
+                   "A prompt's sampled text depends on the seed, its place in the input and nothing else "
+                   "(not on --max-seqs, the step budget or the TP size) (default 0)")
+    p.add_argument("--max-seqs", type=positive("max-seqs"), help="sequences generated at once, at most (default "
+                   "256, or --max-step-tokens if that is lower): decode graphs are captured up to this batch. The "
+                   "KV cache holds each running sequence's prompt + --max-new-tokens and is sized from memory "
+                   "(see --memory); a prompt waits while no room is free")
     p.add_argument("--max-step-tokens", type=positive("max-step-tokens"), default=2048, help="token budget "
                    "of one step: decode tokens plus prompt chunks (default 2048, as the paper's throughput "
                    "runs); longer prompts are prefilled over several steps")
+    p.add_argument("--memory", type=float, default=0.9, help="fraction of the GPU's memory this process may "
+                   "fill in all (weights, step buffers, KV cache), in (0, 1] (default 0.9; on the CPU: of the "
+                   "host's available memory, for the KV cache). The ready line says what the cache got")
     p.add_argument("--weave", choices=["auto", "on", "off"], default="auto", help="split steps in two and overlap "
                    "comm with compute: auto = at or above the tuned token threshold (default), on = every step "
                    "of 2+ tokens, off = never")
     p.add_argument("--comm", choices=["auto", *comm.BACKENDS], default="auto",
-                   help="comm point backend: fused (one kernel: all-reduce + add + RMSNorm, Hopper), nccl "
+                   help="comm point backend: fused (one kernel: all-reduce + add + RMSNorm, Hopper, bf16), nccl "
                    "(all-reduce then add + RMSNorm), gloo (CPU reference), none (no communication: wrong "
-                   "results, for timing only); auto = fused where available, else nccl, gloo on CPU. "
+                   "results, for timing only); auto = fused where it can run, else nccl, gloo on CPU. "
                    "Needs 2+ ranks, except auto and none")
     p.add_argument("--graphs", choices=["auto", "on", "off"], default="auto", help="replay decode steps from "
-                   "CUDA graphs, captured once per batch size at start: auto = on CUDA (default), off = "
-                   "launch every kernel from Python")
+                   "CUDA graphs, captured at start for the batch sizes the run can reach: auto = on CUDA "
+                   "(default), off = launch every kernel from Python")
     p.add_argument("--tuning", help="a tuning table written by `bench.py tune` (default: configs/<gpu>-<model "
                    "type>-h<hidden>-tp<N>.json when it exists, else the analytic wave model)")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="default: cuda if available")
-    p.add_argument("--json", action="store_true", help="print one JSON line per prompt as it finishes (index, "
-                   "prompt, text, token_ids, timings; error for a prompt that could not run); stdout has "
-                   "nothing else")
-    args = p.parse_args(argv)
+    p.add_argument("--json", action="store_true", help="print one JSON line per prompt as it finishes: index "
+                   "(its place among all prompts), line (its line in --prompts-file), prompt, text, token_ids, "
+                   "timings; error for a prompt that could not run. stdout has nothing else")
+    args, extra = p.parse_known_args(argv)
+    if extra:
+        what = extra[0]
+        raise UsageError(f"unknown option {what}; see python run.py --help" if what.startswith("-") else
+                         f"unexpected argument {what!r}: give a prompt with --prompt {what!r} (see python run.py --help)")
     if not (math.isfinite(args.temperature) and args.temperature >= 0):
         raise UsageError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
     if not 0 < args.top_p <= 1:
         raise UsageError(f"--top-p must be in (0, 1] (1 = keep all tokens), got {args.top_p}")
+    if not 0 < args.memory <= 1:
+        raise UsageError(f"--memory must be in (0, 1], got {args.memory}")
+    if args.max_seqs is None:
+        args.max_seqs = min(256, args.max_step_tokens)
     if args.max_seqs > args.max_step_tokens:
         raise UsageError(f"--max-seqs ({args.max_seqs}) must not exceed --max-step-tokens ({args.max_step_tokens}): "
                          f"every running sequence decodes one token per step")
-    if args.graphs == "on" and args.device == "cpu":
-        raise UsageError("--graphs on needs CUDA; on the CPU use --graphs off (or auto)")
+    cpu = args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available())
+    if args.graphs == "on" and cpu:
+        raise UsageError("--graphs on needs CUDA, and this run is on the CPU; use --graphs off (or auto)")
     if args.tuning and os.path.isdir(args.tuning):
         raise UsageError(f"--tuning {args.tuning} is a directory; give a table written by `bench.py tune`")
     if args.tuning and not os.path.exists(args.tuning):
@@ -110,64 +134,51 @@ def parse_args(argv=None):
     return args
 
 
-def read_prompts(args) -> list:
-    prompts = list(args.prompt)
+def read_prompts(args, d) -> list:
+    """[(line in --prompts-file or None, prompt)]. Standard input is read by rank 0 and broadcast."""
+    prompts = [(None, p) for p in args.prompt]
+    if any(not s.strip() for _, s in prompts):
+        raise UsageError("empty prompt: every --prompt needs some text")
     if args.prompts_file:
         f = args.prompts_file
-        if os.path.isdir(f):
-            raise UsageError(f"--prompts-file {f} is a directory; give a text file with one prompt per line")
-        try:
-            with open(f, encoding="utf-8-sig") as fh:   # -sig: a byte-order mark is not part of the first prompt
-                lines = [line.rstrip("\n") for line in fh if line.strip()]
-        except FileNotFoundError:
-            raise UsageError(f"--prompts-file {f} does not exist") from None
-        except UnicodeDecodeError as e:
-            raise UsageError(f"--prompts-file {f} is not UTF-8 text ({e.reason} at byte {e.start}); "
-                             f"save it as UTF-8") from None
-        except OSError as e:
-            raise UsageError(f"--prompts-file {f} cannot be read ({e.strerror or e})") from None
-        if not lines:
-            raise UsageError(f"--prompts-file {f} has no prompts (every line is blank); write one prompt per line")
-        prompts += lines
-    if any(not s.strip() for s in prompts):
-        raise UsageError("empty prompt: every --prompt needs some text")
-    return prompts or [DEFAULT_PROMPT["demo" if args.model is None else "model"]]
+        if f in STDIN:
+            got = read_stdin(f) if d.rank == 0 else None
+            got = comm.broadcast_object(got, d)
+        else:
+            got = read_file(f)
+        if isinstance(got, str):        # rank 0's error, on every rank
+            raise UsageError(got)
+        prompts += got
+    return prompts or [(None, DEFAULT_PROMPT["demo" if args.model is None else "model"])]
 
 
-# ----------------------------------------------------------------------------- tokenizer
-
-
-def load_tokenizer(path: str):
-    from tokenizers import Tokenizer
-    f = os.path.join(path, "tokenizer.json")
-    if not os.path.exists(f):
-        raise FileNotFoundError(f"no tokenizer.json in {path}: this runner needs a `tokenizers` tokenizer file")
+def read_file(f: str):
+    if os.path.isdir(f):
+        return f"--prompts-file {f} is a directory; give a text file with one prompt per line"
     try:
-        return Tokenizer.from_file(f)
-    except Exception as e:   # the tokenizers library raises a bare Exception
-        raise ValueError(f"{f} is not a readable tokenizer ({e}); it may be truncated: download it again") from None
+        with open(f, encoding="utf-8-sig") as fh:   # -sig: a byte-order mark is not part of the first prompt
+            return read_lines(fh, f)
+    except FileNotFoundError:
+        return f"--prompts-file {f} does not exist"
+    except OSError as e:
+        return f"--prompts-file {f} cannot be read ({e.strerror or e})"
 
 
-def encode_prompts(tok, prompts, path: str, chat: bool) -> list:
-    if not chat:
-        return [tok.encode(p).ids for p in prompts]
-    tc = models.read_json(path, "tokenizer_config.json")
-    template = tc.get("chat_template")
-    if isinstance(template, list):   # named templates: take the default one
-        template = next((t["template"] for t in template if t.get("name") == "default"), template[0]["template"])
-    if not template:
-        raise ValueError(f"--chat: the checkpoint in {path} has no chat template (tokenizer_config.json)")
-    import jinja2
-    special = lambda v: v.get("content") if isinstance(v, dict) else v
+def read_stdin(f: str):
+    text = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8-sig")
     try:
-        render = jinja2.Environment().from_string(template).render
-        texts = [render(messages=[{"role": "user", "content": p}], add_generation_prompt=True,
-                        bos_token=special(tc.get("bos_token")) or "", eos_token=special(tc.get("eos_token")) or "")
-                 for p in prompts]
-    except jinja2.TemplateError as e:
-        raise ValueError(f"--chat: the chat template in {os.path.join(path, 'tokenizer_config.json')} does not "
-                         f"render ({type(e).__name__}: {e}); fix it, or leave --chat out") from None
-    return [tok.encode(t, add_special_tokens=False).ids for t in texts]
+        return read_lines(text, f)
+    finally:
+        text.detach()     # sys.stdin's buffer stays open
+
+
+def read_lines(fh, f: str):
+    """[(line number, prompt)] of the non-blank lines, or why not (a message)."""
+    try:
+        lines = [(i, line.rstrip("\r\n")) for i, line in enumerate(fh, 1) if line.strip()]
+    except UnicodeDecodeError as e:
+        return f"--prompts-file {f} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8"
+    return lines or f"--prompts-file {f} has no prompts (every line is blank); write one prompt per line"
 
 
 # ----------------------------------------------------------------------------- output
@@ -175,25 +186,23 @@ def encode_prompts(tok, prompts, path: str, chat: bool) -> list:
 
 class Printer:
     """Rank 0's output: streamed text for one prompt; input order (text) or finish order (JSON)
-    for many; a progress line on stderr; the summary."""
+    for many; a progress line and every error on stderr; the summary."""
 
-    def __init__(self, args, prompts, tok, eos, d, load_s, start):
-        self.args, self.prompts, self.tok, self.eos, self.load_s = args, prompts, tok, eos, load_s
+    def __init__(self, args, prompts, llm, d, load_s, start):
+        self.args, self.prompts, self.llm, self.load_s = args, prompts, llm, load_s
         self.on = d.rank == 0
         self.stream = self.on and len(prompts) == 1 and not args.json
         self.pending, self.next, self.done, self.failed, self.tokens = {}, 0, 0, 0, 0
-        self.shown, self.t0, self.last_progress = "", start, 0.0
+        self.headed, self.shown, self.t0, self.last_progress = False, "", start, 0.0
         self.ttfts, self.n_in, self.n_out, self.last = [], 0, 0, None   # for the summary
-
-    def text(self, ids):
-        return self.tok.decode([t for t in ids if t not in self.eos])
 
     def token(self, seq, t):
         self.tokens += 1
         if self.stream:
-            if not self.shown:
-                print(f"--- {self.prompts[0]}", flush=True)
-            text = self.text(seq.out)
+            if not self.headed:
+                print(f"--- {self.prompts[0][1]}", flush=True)
+                self.headed = True
+            text = self.llm.decode(seq.out)
             if not text.endswith("\ufffd"):   # an incomplete UTF-8 character: wait for the rest
                 print(text[len(self.shown):], end="", flush=True)
                 self.shown = text
@@ -206,27 +215,30 @@ class Printer:
             self.n_in, self.n_out, self.last = self.n_in + len(seq.prompt), self.n_out + len(seq.out), seq
         if not self.on:
             return
+        line, text = self.prompts[seq.index]
+        if seq.error:
+            where = f"prompt {seq.index + 1}" + (f" (line {line} of {self.args.prompts_file})" if line else "")
+            print(f"error: {where}: {seq.error}", file=sys.stderr, flush=True)
         if self.args.json:
             print(json.dumps(self.record(seq)), flush=True)
-        elif self.stream and seq.error:
-            print(f"--- {self.prompts[0]}\nerror: {seq.error}\n", flush=True)
-        elif self.stream:
-            print(self.text(seq.out)[len(self.shown):] + "\n", flush=True)   # what was held back, if any
-        else:
+        elif self.stream and seq.error is None:
+            print(seq.text[len(self.shown):] + "\n", flush=True)   # what was held back, if any
+        elif not self.stream:
             self.pending[seq.index] = seq
             while self.next in self.pending:
                 s = self.pending.pop(self.next)
-                print(f"--- {self.prompts[s.index]}\n{self.text(s.out) if s.error is None else 'error: ' + s.error}\n",
+                print(f"--- {self.prompts[s.index][1]}\n{s.text if s.error is None else 'error: ' + s.error}\n",
                       flush=True)
                 self.next += 1
         self.progress()
 
     def record(self, seq):
-        out = {"index": seq.index, "prompt": self.prompts[seq.index]}
+        line, text = self.prompts[seq.index]
+        out = {"index": seq.index} | ({"line": line} if line else {}) | {"prompt": text}
         if seq.error:
             return out | {"error": seq.error, "text": "", "token_ids": []}
         decode = seq.t_done - seq.t_first
-        return out | {"text": self.text(seq.out), "token_ids": seq.out, "ttft_s": seq.t_first - self.t0,
+        return out | {"text": seq.text, "token_ids": seq.out, "ttft_s": seq.t_first - self.t0,
                       "prefill_tok_s": len(seq.prompt) / max(seq.t_first - seq.t_admit, 1e-9),
                       "decode_tok_s": (len(seq.out) - 1) / decode if len(seq.out) > 1 and decode > 0 else None,
                       "decode_steps": len(seq.out) - 1, "load_s": self.load_s}
@@ -241,24 +253,26 @@ class Printer:
         tty = sys.stderr.isatty()
         print(("\r" if tty else "") + line, end="\n" if final or not tty else "", file=sys.stderr, flush=True)
 
-    def summary(self, d, comm_name, wall):
+    def summary(self, d, wall):
         if not self.on:
             return
         self.progress(final=True)
-        if self.args.json or not self.ttfts:
+        if not self.ttfts:
             return
+        how = f"(TP {d.world}, comm {self.llm.comm_name}, weave {self.args.weave})"
         if len(self.prompts) == 1:
             s = self.last
             dec = (len(s.out) - 1) / (s.t_done - s.t_first) if len(s.out) > 1 and s.t_done > s.t_first else None
-            print(f"load {self.load_s:.1f}s | time to first token {(s.t_first - self.t0) * 1e3:.1f} ms | prefill "
-                  f"{len(s.prompt) / max(s.t_first - s.t_admit, 1e-9):.0f} tok/s | decode "
-                  f"{f'{dec:.1f} tok/s' if dec else '-'} (TP {d.world}, comm {comm_name}, weave {self.args.weave})")
+            line = (f"load {self.load_s:.1f}s | time to first token {(s.t_first - self.t0) * 1e3:.1f} ms "
+                    f"({s.t_first - STARTED:.1f}s after the process started) | prefill "
+                    f"{len(s.prompt) / max(s.t_first - s.t_admit, 1e-9):.0f} tok/s | decode "
+                    f"{f'{dec:.1f} tok/s' if dec else '-'} {how}")
         else:
             ttft = sorted(self.ttfts)[len(self.ttfts) // 2]
-            print(f"load {self.load_s:.1f}s | {len(self.ttfts)} prompts in {wall:.2f}s | {self.n_out / wall:.1f} "
-                  f"output tok/s, {(self.n_in + self.n_out) / wall:.1f} total tok/s | median time to first token "
-                  f"{ttft * 1e3:.0f} ms "
-                  f"(TP {d.world}, comm {comm_name}, weave {self.args.weave})")
+            line = (f"load {self.load_s:.1f}s | {len(self.ttfts)} prompts in {wall:.2f}s | {self.n_out / wall:.1f} "
+                    f"output tok/s, {(self.n_in + self.n_out) / wall:.1f} total tok/s | median time to first token "
+                    f"{ttft * 1e3:.0f} ms {how}")
+        print(line, file=sys.stderr if self.args.json else sys.stdout, flush=True)
 
 
 # ----------------------------------------------------------------------------- main
@@ -272,121 +286,80 @@ def check_gpus(device: str):
         return
     n, procs = torch.cuda.device_count(), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     if n == 0:
-        raise RuntimeError("--device cuda: no CUDA GPU is visible; use --device cpu (or auto)")
+        raise UserError("--device cuda: no CUDA GPU is visible; use --device cpu (or auto)")
     if procs > n:
-        raise RuntimeError(f"torchrun started {procs} processes on this node but only {n} GPU{'s' * (n > 1)} "
-                           f"{'are' if n > 1 else 'is'} visible; use --nproc-per-node {n} or fewer")
-
-
-def model_path(args, d) -> str:
-    if args.model is not None:
-        return models.resolve(args.model, d)
-    try:
-        return models.resolve(None, d)
-    except OSError as e:
-        why = f"{e.strerror}: {e.filename}" if e.strerror and e.filename else str(e)
-        raise RuntimeError(f"cannot create the demo model in {models.DEMO_DIR} ({why}); set XDG_CACHE_HOME to a "
-                           f"writable directory, or pass --model") from None
-
-
-def model_config(path: str):
-    """(model file, Config) from the checkpoint's config.json, or an error that names the file."""
-    f = os.path.join(path, "config.json")
-    if not os.path.exists(f):
-        raise FileNotFoundError(f"no config.json in {path}: --model needs a checkpoint directory in HF layout "
-                                f"(config.json, *.safetensors, tokenizer.json)")
-    hf = models.read_json(path, "config.json")
-    if not isinstance(hf, dict):
-        raise ValueError(f"{f} is not a model config (a JSON object with model_type, hidden_size, ...)")
-    try:
-        return models.config(hf)
-    except (KeyError, TypeError) as e:
-        what = f"has no {e.args[0]!r}" if isinstance(e, KeyError) else f"has a value of the wrong type ({e})"
-        raise ValueError(f"{f} {what}: it is not a complete {hf.get('model_type')} config") from None
-
-
-def load_tuning(args, cfg, module, d):
-    try:
-        return weave.Tuning.load(args.tuning or weave.tuning_path(cfg, d.world),
-                                 threshold=module.Transformer.weave_threshold, required=bool(args.tuning))
-    except ValueError as e:
-        if not args.tuning:
-            raise
-        raise ValueError(f"--tuning: {e}; run `bench.py tune` again, or leave --tuning out") from None
+        raise UserError(f"torchrun started {procs} processes on this node but only {n} GPU{'s' * (n > 1)} "
+                        f"{'are' if n > 1 else 'is'} visible; use --nproc-per-node {n} or fewer")
 
 
 def sync(d) -> float:
     if d.device.type == "cuda":
         torch.cuda.synchronize()
     if d.world > 1:
-        dist.barrier()   # every rank has loaded: the clock starts for all at once
+        dist.barrier()   # every rank is ready: the clock starts for all at once
     return time.perf_counter()
 
 
 @torch.no_grad()
 def main(argv=None) -> int:
     rank0 = int(os.environ.get("RANK", 0)) == 0
-    d, completed = None, False
+    d, run, completed = None, {}, False
+    say = lambda msg: print(msg, file=sys.stderr, flush=True) if ((d.rank == 0) if d else rank0) else None  # noqa: E731
     try:
         args = parse_args(argv)
-        prompts = read_prompts(args)
         check_gpus(args.device)
         d = comm.init_distributed(args.device)
-        comm.check_comm(args.comm, d)          # fails before minutes of loading
-        failed = generate(args, prompts, d)
+        comm.check_comm(args.comm, d)          # the ranks and devices it needs: fails before minutes of loading
+        failed = generate(args, d, run)
         completed = True
         return 1 if failed else 0    # the others completed; the failed ones said why
     except BrokenPipeError:     # stdout's reader left early (`run.py --json | head -1`)
         stdout_to_devnull()
-        if (d.rank == 0) if d else rank0:
-            print("error: stdout was closed before every result was written (broken pipe)", file=sys.stderr,
-                  flush=True)
+        say("error: stdout was closed before every result was written (broken pipe)")
         return 1
-    except (ValueError, OSError, RuntimeError) as e:   # OSError: FileNotFoundError, ConnectionError, ...
-        if (d.rank == 0) if d else rank0:
-            print(f"error: {e}", file=sys.stderr, flush=True)
+    except UserError as e:
+        say(f"error: {e}")
         return 2 if isinstance(e, UsageError) else 1
     except KeyboardInterrupt:
-        if (d.rank == 0) if d else rank0:
-            print("\ninterrupted", file=sys.stderr, flush=True)
+        say("\ninterrupted")
         return 130
     finally:
+        if run.get("llm") is not None:
+            run.pop("llm").close()
         shutdown(d, completed)
 
 
-def generate(args, prompts, d) -> int:
-    """Loads the model, runs every prompt, prints the results; returns how many prompts failed.
-    Whatever holds on to the process group lives in this frame only, so it is all freed when this
-    returns (or raises), before the group is destroyed: the engine's CUDA graphs, which captured the
-    comm's collectives (NCCL's communicator cannot be torn down while a graph holds it), the comm
-    buffers in symmetric memory, the model."""
+def generate(args, d, run: dict) -> int:
+    """Checks what it can before loading (prompts, tokenizer, lengths against the context), loads,
+    runs every prompt, prints the results; returns how many prompts failed. The LLM goes into `run`
+    so that main closes it (graphs, comm buffers, model) before the process group goes."""
     log = (lambda s: print(s, file=sys.stderr, flush=True)) if d.rank == 0 else (lambda s: None)
     t0 = time.perf_counter()
-    path = model_path(args, d)
+    prompts = read_prompts(args, d)
+    path = models.resolve(args.model, d)
     if args.model is None:
         log(f"no --model given: using the demo model at {path} (tiny, RANDOM weights: the text is gibberish)")
-    module, cfg = model_config(path)
-    tuning = load_tuning(args, cfg, module, d)
-    tok = load_tokenizer(path)
-    ids = encode_prompts(tok, prompts, path, args.chat)
-    fits = [len(p) + args.max_new_tokens for p in ids if len(p) + args.max_new_tokens <= cfg.max_positions]
-    dtype = getattr(torch, cfg.dtype.replace("torch.", "")) if d.device.type == "cuda" else torch.float32
-    model = models.load(path, d, dtype, log=log)
-    eos = models.eos_ids(model, path)
-    backend = comm.make_comm(args.comm, d, cfg.hidden, args.max_step_tokens, dtype)
-    weaver = weave.Weaver(model, backend, args.weave, tuning)
-    graphs = args.graphs == "on" or (args.graphs == "auto" and d.device.type == "cuda")
-    eng = engine.Engine(weaver, args.max_seqs, args.max_step_tokens, max(fits, default=1), graphs,
-                        args.temperature, args.top_p, args.seed, log=log)
-    name = backend.name + (f"/{backend.transport}" if backend.name == "fused" else "")
+    _, cfg = models.config(path)
+    ids = models.Tokenizer(path, cfg.vocab).encode([p for _, p in prompts], args.chat)
+    if all(len(p) + args.max_new_tokens > cfg.max_positions for p in ids):   # nothing could run: say so now
+        longest = max(map(len, ids))
+        raise UserError(f"{'every prompt is' if len(ids) > 1 else 'the prompt is'} too long: with --max-new-tokens "
+                        f"{args.max_new_tokens}, {longest} prompt tokens exceed the model's context of "
+                        f"{cfg.max_positions}; shorten it or ask for fewer new tokens")
+    llm = run["llm"] = engine.LLM(path, comm=args.comm, weave=args.weave, graphs=args.graphs, tuning=args.tuning,
+                                  max_seqs=args.max_seqs, max_step_tokens=args.max_step_tokens, memory=args.memory,
+                                  dist=d, log=log)
+    llm.prepare(ids, args.max_new_tokens)
     start = sync(d)
     load_s = start - t0
-    log(f"ready in {load_s:.1f}s: comm {name}, weave {args.weave}, graphs {'on' if graphs else 'off'}, "
-        f"{eng.max_seqs} sequences x {eng.max_len} positions")
-    out = Printer(args, prompts, tok, eos, d, load_s, start)
-    for seq in eng.generate(ids, args.max_new_tokens, eos, on_token=out.token):
+    eng = llm.engine
+    log(f"ready in {load_s:.1f}s ({start - STARTED:.1f}s after the process started): comm {llm.comm_name}, weave {args.weave}, KV cache {eng.rows} positions "
+        f"({llm.model.cache_bytes(eng.rows) / 2**30:.2f} GiB) for up to {eng.max_seqs} sequences, decode graphs "
+        f"{'for batches up to ' + str(max(eng.runner.graphs)) if eng.runner.graphs else 'off'}")
+    out = Printer(args, prompts, llm, d, load_s, start)
+    for seq in llm.generate(ids, args.max_new_tokens, args.temperature, args.top_p, args.seed, on_token=out.token):
         out.finished(seq)
-    out.summary(d, name, sync(d) - start)
+    out.summary(d, sync(d) - start)
     return out.failed
 
 
@@ -399,9 +372,9 @@ def stdout_to_devnull():
 
 
 def shutdown(d, completed: bool):
-    """The teardown, in order: the run's objects are gone with generate's frame (and any cycles
-    here); the GPU's queued work ends; after a run every rank completed, a barrier, so that no rank
-    destroys the communicator while a peer is still freeing its graphs; then the process group."""
+    """The teardown, in order: the run's objects are closed (main) and collected; the GPU's queued
+    work ends; after a run every rank completed, a barrier, so that no rank destroys the
+    communicator while a peer is still freeing its graphs; then the process group."""
     try:
         sys.stdout.flush()
     except OSError:

@@ -1,9 +1,13 @@
-"""run.py's command line (issue 13): every bad input gets one clear `error:` line that names the flag
-or file and says what to do, nothing is silently ignored, no Traceback, and nothing crashes after
-success. In-process through run.main(argv) on the demo model (made once per module); torchrun only
-where ranks matter."""
+"""run.py's command line: the same greedy tokens through every path (weave on and off, TP 1 and 2,
+transformers' own for each family); every bad input gets one clear `error:` line that names the flag
+or file and says what to do, nothing is silently ignored or silently different, no Traceback, and
+nothing crashes after success. In-process through run.main(argv) on the demo model (made once per
+module); torchrun only where ranks matter."""
+import contextlib
 import gc
+import io
 import json
+import multiprocessing
 import os
 import shutil
 import subprocess
@@ -16,6 +20,7 @@ import comm
 import engine
 import models
 import run
+from conftest import free_port, hf_family
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -127,6 +132,47 @@ def test_bad_config_json(cli, tmp_path, config, says):
     assert says.format(d=tmp_path) in fails(cli, "--model", tmp_path)
 
 
+def edit_config(path, **changes):
+    f = path / "config.json"
+    f.write_text(json.dumps(json.loads(f.read_text()) | changes))
+
+
+@pytest.mark.parametrize("changes,says", [
+    (dict(num_hidden_layers=2), "has 18 tensors the model does not use, e.g. model.layers.2."),
+    (dict(num_key_value_heads=2), "tensor model.layers.0.self_attn.k_proj.weight in {f}: expected shape (32, 128), "
+                                  "the checkpoint has (64, 128); config.json does not match the weights"),
+    (dict(num_attention_heads=4, head_dim=16), "o_proj.weight in {f}: expected shape (128, 64), the checkpoint has (128, 128)"),
+    (dict(intermediate_size=128), "down_proj.weight in {f}: expected shape (128, 128), the checkpoint has (128, 256)"),
+])
+def test_config_smaller_than_checkpoint(cli, demo, tmp_path, changes, says):
+    """A config.json that describes a smaller model than its tensors: refused, never run on a slice."""
+    path = copy_demo(demo, tmp_path)
+    edit_config(path, **changes)
+    assert says.format(f=path / "model.safetensors") in fails(cli, "--model", path)
+
+
+def test_tokenizer_beyond_the_vocabulary(cli, demo, tmp_path):
+    path = copy_demo(demo, tmp_path)
+    vocab = json.loads((path / "config.json").read_text())["vocab_size"]
+    edit_config(path, vocab_size=vocab - 10)
+    line = fails(cli, "--model", path)
+    assert f"has token ids up to {vocab - 1}, but the model has {vocab - 10} embedding rows" in line, line
+    assert "loading" not in line
+
+
+@pytest.mark.parametrize("key,value,says", [
+    ("hidden_size", "128", "sets 'hidden_size' to '128': it must be an integer of at least 1"),
+    ("num_hidden_layers", 0, "sets 'num_hidden_layers' to 0: it must be an integer of at least 1"),
+    ("rms_norm_eps", -1, "sets 'rms_norm_eps' to -1: it must be a positive number"),
+    ("tie_word_embeddings", "no", "sets 'tie_word_embeddings' to 'no': it must be true or false"),
+    ("eos_token_id", [1, "x"], "sets 'eos_token_id' to 'x'"),
+])
+def test_config_values_of_the_wrong_type(cli, demo, tmp_path, key, value, says):
+    path = copy_demo(demo, tmp_path)
+    edit_config(path, **{key: value})
+    assert f"{path / 'config.json'} {says}" in fails(cli, "--model", path)
+
+
 def test_corrupt_tokenizer(cli, demo, tmp_path):
     path = copy_demo(demo, tmp_path)
     (path / "tokenizer.json").write_text('{"truncated": ')
@@ -185,6 +231,24 @@ def test_prompts_file_only_blank_lines(cli, tmp_path):
     assert f"--prompts-file {f} has no prompts" in line and "one prompt per line" in line
 
 
+def test_prompts_from_stdin(cli, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO("\ufeffThe quick brown fox\n\nOnce upon\n".encode())))
+    rc, out, _ = cli("--prompts-file", "-", "--json", "--max-new-tokens", 2)
+    assert rc == 0
+    got = sorted((r["line"], r["prompt"]) for r in map(json.loads, out.splitlines()))
+    assert got == [(1, "The quick brown fox"), (3, "Once upon")]
+
+
+def test_json_index_and_line(cli, tmp_path):
+    """index: the place among all prompts (--prompt ones first); line: the line in --prompts-file."""
+    f = tmp_path / "p.txt"
+    f.write_text("\nfirst\n\n\nsecond\n")
+    rc, out, _ = cli("--prompt", "The quick", "--prompts-file", f, "--json", "--max-new-tokens", 2)
+    assert rc == 0
+    rows = sorted((r["index"], r.get("line"), r["prompt"]) for r in map(json.loads, out.splitlines()))
+    assert rows == [(0, None, "The quick"), (1, 2, "first"), (2, 5, "second")]
+
+
 def test_prompts_file_utf8_bom_and_crlf(cli, tmp_path):
     f = tmp_path / "p.txt"
     f.write_bytes("\ufeffThe quick brown fox\r\n\r\nOnce upon a time\r\n".encode())
@@ -207,6 +271,7 @@ def test_prompt_longer_than_context_fails_alone(cli):
     assert len(blocks) == 3 and "error:" not in blocks[0] and "error:" not in blocks[2], out
     assert "error: the prompt has" in blocks[1] and "exceeds the model's context of 2048" in blocks[1]
     assert "3/3 prompts done (1 failed)" in err
+    assert "error: prompt 2: the prompt has" in err      # on stderr too: `> out.txt` still shows it
 
     rc, out, _ = cli("--prompt", "The quick brown fox", "--prompt", long, "--max-new-tokens", 4, "--json")
     assert rc == 1
@@ -215,7 +280,52 @@ def test_prompt_longer_than_context_fails_alone(cli):
     assert "exceeds the model's context of 2048" in lines[1]["error"] and lines[1]["token_ids"] == []
 
 
+def test_single_prompt_too_long_fails_before_loading(cli):
+    line = fails(cli, "--prompt", "fox " * 3000, "--max-new-tokens", 4)
+    assert "the prompt is too long" in line and "context of 2048" in line
+    rc, out, err = cli("--prompt", "fox " * 3000)
+    assert "loading" not in err and out == ""
+
+
 # ----------------------------------------------------------------------------- flags
+
+
+@pytest.mark.parametrize("args,says", [
+    (["--temprature", "1"], "unknown option --temprature; see python run.py --help"),
+    (["hello"], "unexpected argument 'hello': give a prompt with --prompt 'hello' (see python run.py --help)"),
+    (["--max-new-tokens", "x"], "argument --max-new-tokens: invalid max-new-tokens value: 'x' (see python run.py --help)"),
+])
+def test_bad_command_line_points_to_help(cli, args, says):
+    assert says in fails(cli, *args, code=2)
+
+
+def test_graphs_on_without_cuda_fails_before_loading(cli, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    rc, out, err = cli("--graphs", "on", "--device", "auto")
+    assert rc == 2 and "--graphs on needs CUDA, and this run is on the CPU" in error_line(err)
+    assert "loading" not in err and "demo" not in err
+
+
+def test_step_budget_too_large_for_the_machine(cli):
+    line = fails(cli, "--max-step-tokens", 10**12, "--max-seqs", 4)
+    assert "--max-step-tokens 1000000000000 needs" in line and "GiB of step buffers" in line and "lower it" in line
+
+
+def test_many_running_sequences_on_cpu_fit_the_host(cli):
+    """A large --max-seqs on the CPU: the cache holds what the prompts can use, never more."""
+    rc, out, err = cli("--max-seqs", 100000, "--max-step-tokens", 100000, "--max-new-tokens", 2, "--prompt", "The quick")
+    assert rc == 0 and "KV cache 7 positions (0.00 GiB) for up to 100000 sequences" in err   # 6 prompt tokens + 1
+
+
+def test_auto_comm_falls_back_to_nccl_where_fused_cannot_run(monkeypatch):
+    monkeypatch.setattr(comm, "fused_available", lambda d: (True, ""))
+    d = comm.Dist(0, 2, torch.device("cuda", 0))
+    assert comm.check_comm("auto", d, torch.bfloat16, 4096) == "fused"
+    assert comm.check_comm("auto", d, torch.float16, 4096) == "nccl"
+    assert comm.check_comm("auto", d, torch.float32, 4096) == "nccl"
+    with pytest.raises(comm.UserError, match="comm fused is not available here: the fused kernel runs bf16 models, "
+                                             "this one is float16; use nccl"):
+        comm.check_comm("fused", d, torch.float16, 4096)
 
 
 def test_max_new_tokens_zero(cli):
@@ -240,12 +350,12 @@ def test_tuning_missing(cli, tmp_path):
     assert f"--tuning {tmp_path} is a directory" in fails(cli, "--tuning", tmp_path, code=2)
 
 
-@pytest.mark.parametrize("content", ["{not json", "[1, 2]"])
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]", '{"threshold": "big"}'])
 def test_tuning_not_a_table(cli, tmp_path, content):
     f = tmp_path / "t.json"
     f.write_text(content)
     line = fails(cli, "--tuning", f)
-    assert f"--tuning: tuning file {f} is not a table written by bench.py tune" in line and "again" in line
+    assert f"tuning file {f} is not a table written by bench.py tune" in line and "again" in line
 
 
 @pytest.mark.parametrize("backend", ["fused", "nccl", "gloo"])
@@ -299,9 +409,9 @@ def test_stdout_closed_early(cli, monkeypatch):
 
 @pytest.mark.parametrize("how", ["success", "ctrl-c"])
 def test_run_freed_before_process_group_destroyed(cli, demo, monkeypatch, how):
-    """Issue 13's rare abort at exit: the engine (its CUDA graphs captured the comm's collectives),
-    the comm buffers and the model must be gone before the process group is destroyed, also after
-    an error; and with every rank done, destroy follows a barrier."""
+    """A rare abort at exit: the engine (its CUDA graphs captured the comm's collectives), the comm
+    buffers and the model must be gone before the process group is destroyed, also after an error;
+    and with every rank done, destroy follows a barrier."""
     import llama
     import torch.distributed as dist
     tracked = (engine.Engine, comm.Comm, llama.Transformer)
@@ -322,16 +432,136 @@ def test_run_freed_before_process_group_destroyed(cli, demo, monkeypatch, how):
     assert calls == [("destroy", [])]
 
 
+# ----------------------------------------------------------------------------- output
+
+
+def test_streamed_prompt_has_one_header(cli, demo, tmp_path):
+    """One prompt streams under a single header, also when its first tokens decode to part of a
+    UTF-8 character (random weights often do) and when sampled with the chat template."""
+    for extra in ([], ["--chat", "--temperature", "0.8", "--top-p", "0.9", "--seed", "3"]):
+        rc, out, _ = cli("--prompt", "The quick brown fox", "--max-new-tokens", 24, *extra)
+        assert rc == 0 and out.count("--- The quick brown fox") == 1 and out.startswith("--- "), out
+
+
+def test_sampled_text_does_not_depend_on_batching(cli, tmp_path):
+    """--seed fixes each prompt's sampled text, whatever runs beside it."""
+    f = tmp_path / "p.txt"
+    f.write_text("The quick brown fox\nOnce upon a time\nTensor parallel\nsaves memory traffic\n")
+    texts = []
+    for flags in (["--max-seqs", 1], ["--max-seqs", 4, "--max-step-tokens", 8], ["--max-seqs", 2]):
+        rc, out, _ = cli("--prompts-file", f, "--json", "--temperature", "1.0", "--seed", 5, "--max-new-tokens", 12, *flags)
+        assert rc == 0
+        texts.append(sorted((r["index"], r["token_ids"]) for r in map(json.loads, out.splitlines())))
+    assert texts[0] == texts[1] == texts[2]
+
+
+def make_demo_racing(path, start):
+    start.wait()
+    models.make_demo(path)
+
+
+def test_concurrent_first_runs_make_one_demo(tmp_path):
+    """Four processes make the demo at once: all succeed, one demo is there, no temporary left."""
+    path = str(tmp_path / "cache" / "demo")
+    ctx = multiprocessing.get_context("fork")
+    start = ctx.Event()
+    procs = [ctx.Process(target=make_demo_racing, args=(path, start)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    start.set()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0] * 4
+    assert os.listdir(tmp_path / "cache") == ["demo"]
+    assert sorted(os.listdir(path)) == ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+
+
+# ----------------------------------------------------------------------------- the same tokens everywhere
+
+PROMPTS = ["The quick brown fox", "Once upon a time there was"]
+DEMO_IN_CACHE = os.path.relpath(models.DEMO_DIR, os.path.dirname(os.path.dirname(models.DEMO_DIR)))
+
+
+def cli_tokens(weave_mode, nproc=1, cache=None, device="cpu", model=None, backend="auto"):
+    """The greedy tokens (12 at most) of PROMPTS from `run.py --json`: run.main in this process at
+    TP 1, torchrun at TP > 1 with XDG_CACHE_HOME=cache. No model: the demo (models.DEMO_DIR here)."""
+    args = ["--device", device, "--json", "--max-new-tokens", "12", "--weave", weave_mode, "--comm", backend,
+            *[a for p in PROMPTS for a in ("--prompt", p)], *(["--model", str(model)] if model else [])]
+    if nproc == 1:
+        with contextlib.redirect_stdout(io.StringIO()) as out:
+            assert run.main(args) == 0      # why not: the captured stderr
+        stdout = out.getvalue()
+    else:
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", XDG_CACHE_HOME=str(cache))
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-port",
+                            str(free_port()), os.path.join(HERE, "run.py"), *args], env=env, capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        stdout = r.stdout
+    lines = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 2 and all(len(x["token_ids"]) >= 1 and x["ttft_s"] > 0 for x in lines)
+    return [x["token_ids"] for x in lines]
+
+
+@pytest.fixture
+def demo_cache(tmp_path, monkeypatch):
+    """An empty cache directory where the first run makes the demo model: run.main looks in
+    models.DEMO_DIR, torchrun's processes through XDG_CACHE_HOME."""
+    monkeypatch.setattr(models, "DEMO_DIR", str(tmp_path / DEMO_IN_CACHE))
+    return tmp_path
+
+
+def test_demo_same_tokens_weave_and_tp(demo_cache):
+    """The demo model, made by the first run, gives the same greedy tokens at TP 1 with weave off and
+    on (in this process) and at TP 2 with weave on (torchrun, which finds the demo in the cache).
+    TP 2 with weave off: the same logits as TP 1 in test_weave.test_tp_gloo_matches_tp1."""
+    want = cli_tokens("off")
+    assert os.path.exists(os.path.join(models.DEMO_DIR, "tokenizer.json"))
+    assert cli_tokens("on") == want
+    assert cli_tokens("on", nproc=2, cache=demo_cache) == want
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_demo_same_tokens_cuda(demo_cache):
+    want = cli_tokens("off", device="cuda")
+    for nproc, mode, backend in [(2, "on", "nccl"), (2, "off", "nccl"), (2, "on", "fused"), (2, "off", "fused")]:
+        assert cli_tokens(mode, nproc, demo_cache, "cuda", backend=backend) == want, (nproc, mode, backend)
+
+
+def hf_greedy(hf, ids, n, eos):
+    """transformers' greedy continuation of ids: n tokens, or fewer ending with an EOS id."""
+    out = []
+    with torch.no_grad():
+        while len(out) < n and not (out and out[-1] in eos):
+            out.append(hf(torch.tensor([ids + out])).logits[0, -1].argmax().item())
+    return out
+
+
+@pytest.mark.parametrize("family", ["qwen2", "mixtral"])
+def test_family_cli_greedy_matches_transformers(family, demo, tmp_path):
+    """run.py (run.main in this process) on a tiny checkpoint with the demo's tokenizer: with weave off
+    and on, the greedy tokens of transformers' model. TP > 1: test_weave.test_tp_gloo_matches_tp1."""
+    from tokenizers import Tokenizer
+    vocab = json.loads((demo / "config.json").read_text())["vocab_size"]
+    path, hf = hf_family(tmp_path / "ckpt", family, vocab_size=vocab, bos_token_id=0, eos_token_id=1)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(demo / name, path)
+    tok = Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
+    want = [hf_greedy(hf, tok.encode(p).ids, 12, {1}) for p in PROMPTS]
+    assert cli_tokens("off", model=path) == want
+    assert cli_tokens("on", model=path) == want
+
+
 # ----------------------------------------------------------------------------- torchrun
 
 
-def torchrun(*args, nproc=2, env=None, launcher=()):
+def torchrun(*args, nproc=2, env=None, launcher=(), stdin=""):
     env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
         env.pop(name, None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *launcher,
            os.path.join(HERE, "run.py"), "--device", "cpu", *args]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, input=stdin)
 
 
 def test_error_printed_once_across_ranks(tmp_path):
@@ -341,16 +571,18 @@ def test_error_printed_once_across_ranks(tmp_path):
     r = torchrun("--max-new-tokens", "0", launcher=["--tee", "3", "--log-dir", str(tmp_path)])
     assert r.returncode != 0
     shown = [line for line in r.stderr.splitlines() if "error:" in line]
-    assert shown == ["[default0]:error: argument --max-new-tokens: must be at least 1, got 0"], r.stderr
+    says = "error: argument --max-new-tokens: must be at least 1, got 0 (see python run.py --help)"
+    assert shown == [f"[default0]:{says}"], r.stderr
     logs = {p.parent.name: p.read_text() for p in tmp_path.rglob("stderr.log")}
-    assert logs == {"0": "error: argument --max-new-tokens: must be at least 1, got 0\n", "1": ""}, logs
+    assert logs == {"0": f"{says}\n", "1": ""}, logs
 
 
 def test_json_first_run_and_ttft_tp2(tmp_path):
-    """A fresh cache (the demo is made on this run): stdout is JSON lines only, on both ranks; and
-    time to first token does not include the wait for the other rank to load."""
-    r = torchrun("--json", "--max-new-tokens", "4", "--prompt", "The quick brown fox", "--prompt", "Once upon",
-                 env={"XDG_CACHE_HOME": str(tmp_path)})
+    """A fresh cache (the demo is made on this run): stdout is JSON lines only, on both ranks; time to
+    first token does not include the wait for the other rank to load; prompts from stdin reach both
+    ranks (rank 0 reads them)."""
+    r = torchrun("--json", "--max-new-tokens", "4", "--prompt", "The quick brown fox", "--prompts-file", "-",
+                 env={"XDG_CACHE_HOME": str(tmp_path)}, stdin="Once upon\n")
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
     assert os.path.exists(tmp_path / "tokenweave" / "demo-llama-v2" / "model.safetensors")
     lines = [json.loads(line) for line in r.stdout.splitlines()]

@@ -1,6 +1,7 @@
-"""The serving engine: the scheduler on its own (CPU), every prompt's greedy tokens under continuous
-batching equal to running it alone (TP 1, and TP 2 / 4 over gloo), sampling, and on CUDA the
-graph-replayed decode against eager steps. Run: pytest -q test_engine.py"""
+"""The serving engine: the KV range allocator and the scheduler on their own (CPU), sampling, every
+prompt's greedy tokens under continuous batching equal to running it alone (TP 1, and TP 2 / 4 over
+gloo), and on CUDA the one-call attention against the per-span reference and graph-replayed decode
+against eager steps. Run: pytest -q test_engine.py"""
 import itertools
 import random
 
@@ -9,50 +10,79 @@ import torch
 
 import comm
 import engine
+import llama
 import models
 import weave
+from batch import Batch, Span
 from conftest import hf_llama, run_tp
 
 N_GPUS = torch.cuda.device_count()
 
 
+# ----------------------------------------------------------------------------- the KV ranges
+
+
+def test_kv_cache_ranges_never_overlap_and_merge_back():
+    """Random allocations and releases against a set of held rows: no row is ever given twice,
+    every released row can be given again, and a fully released pool is one range again."""
+    rng, rows = random.Random(0), 500
+    cache, held = engine.KVCache(rows), {}
+    for _ in range(20_000):
+        if held and (rng.random() < 0.5 or len(held) > 40):
+            start = rng.choice(list(held))
+            cache.release(start, held.pop(start))
+        else:
+            n = rng.randint(1, 60)
+            start = cache.alloc(n)
+            taken = set(itertools.chain.from_iterable(range(s, s + k) for s, k in held.items()))
+            if start is None:     # refused only when no free range is that long
+                assert max((k for _, k in cache.free), default=0) < n
+                continue
+            assert 0 <= start and start + n <= rows and not taken & set(range(start, start + n))
+            held[start] = n
+        assert cache.free_rows == rows - sum(held.values())
+        assert all(a + n < b for (a, n), (b, _) in zip(cache.free, cache.free[1:]))   # sorted, merged
+    for start, n in list(held.items()):
+        cache.release(start, n)
+    assert cache.free == [(0, rows)]
+
+
 # ----------------------------------------------------------------------------- the scheduler alone
 
 
-def drive(prompts, max_seqs, budget, max_new, eos_at=None):
-    """Runs the scheduler with fake steps (no model); returns every step and the finish order.
-    eos_at[i]: the number of tokens after which prompt i stops (else max_new)."""
-    sched = engine.Scheduler(max_seqs, budget)
+def drive(prompts, max_seqs, budget, max_new, eos_at=None, rows=10**6):
+    """Runs the scheduler with fake steps (no model, the engine's own postprocess); returns every
+    step, the finish order and the sequences. eos_at[i]: the number of tokens after which prompt i
+    stops (else max_new); the stand-in for EOS is token 2."""
+    sched = engine.Scheduler(max_seqs, budget, engine.KVCache(rows))
     seqs = [engine.Sequence(i, [7] * n, max_new) for i, n in enumerate(prompts)]
     for s in seqs:
         sched.add(s)
     steps, order = [], []
     while sched:
         step = sched.schedule()
-        steps.append([(s.index, s.slot, s.cached, n) for s, n in step])
+        steps.append([(s.index, s.row, s.cached, n) for s, n in step])
         assert step and sum(n for _, n in step) <= budget
-        for s, n in step:
-            assert s.next_tokens(n) and len(s.next_tokens(n)) == n
-            s.cached += n
-            if s.cached >= len(s.prompt):
-                s.out.append(1)
-                if len(s.out) == (eos_at or {}).get(s.index, max_new):
-                    sched.finish(s)
-                    order.append(s.index)
-        assert len(steps) < 10_000, "no progress"
+        ranges = sorted((s.row, s.row + s.need) for s in sched.running)
+        assert all(a[1] <= b[0] for a, b in zip(ranges, ranges[1:])), "two live sequences share cache rows"
+        assert all(s.next_tokens(n) and len(s.next_tokens(n)) == n for s, n in step)
+        tokens = [2 if len(s.out) + 1 == (eos_at or {}).get(s.index, -1) else 1 for s, _ in step]
+        _, done = sched.postprocess(step, tokens, {2}, 0.0)
+        order += [s.index for s in done]
+        assert len(steps) < 100_000, "no progress"
+    assert sched.cache.free == [(0, rows)], "cache rows leaked"
     return steps, order, seqs
 
 
 @pytest.mark.parametrize("max_seqs,budget", [(1, 1), (2, 3), (4, 16), (8, 8), (3, 100)])
-def test_scheduler_budget_slots_and_chunks(max_seqs, budget):
+def test_scheduler_budget_ranges_and_chunks(max_seqs, budget):
     rng = random.Random(max_seqs * 1000 + budget)
     prompts = [rng.randint(1, 40) for _ in range(23)]
     eos_at = {i: rng.randint(1, 6) for i in range(0, 23, 3)}
     steps, order, seqs = drive(prompts, max_seqs, budget, max_new=6, eos_at=eos_at)
     assert sorted(order) == list(range(23))                         # everyone finishes
     for step in steps:
-        slots = [slot for _, slot, _, _ in step]
-        assert len(set(slots)) == len(slots) and all(0 <= s < max_seqs for s in slots)   # slots reused, never shared
+        assert len(step) <= max_seqs
         decodes = [i for i, _, cached, n in step if cached >= prompts[i]]
         assert [i for i, *_ in step][:len(decodes)] == decodes       # decode tokens come first
     # Chunks of each prompt are contiguous and in order, and cover it exactly once.
@@ -69,9 +99,32 @@ def test_scheduler_budget_slots_and_chunks(max_seqs, budget):
     assert all(len(s.out) == eos_at.get(s.index, 6) for s in seqs)
 
 
+def test_scheduler_waits_for_cache_and_admits_when_it_frees():
+    """A pool of 100 rows, prompts needing 30-60 each: at most what fits runs, the next prompt waits
+    (no eviction), and is admitted as soon as a finished sequence's rows come back."""
+    prompts = [30, 50, 20, 60, 10, 45]
+    steps, order, seqs = drive(prompts, max_seqs=6, budget=64, max_new=5, rows=100)
+    needs = {s.index: s.need for s in seqs}
+    for step in steps:
+        assert sum(needs[i] for i, *_ in step) <= 100
+    assert sorted(order) == list(range(6))
+    first = {i: min(t for t, step in enumerate(steps) if any(j == i for j, *_ in step)) for i in range(6)}
+    last = {i: max(t for t, step in enumerate(steps) if any(j == i for j, *_ in step)) for i in range(6)}
+    # 34 and 54 rows fit together; the next one (24) waits, first in line, until one of them is done.
+    assert {i for i, *_ in steps[0]} == {0, 1} and first[2] == min(last[0], last[1]) + 1
+
+
+def test_scheduler_many_prompts_no_leak():
+    """10^4 prompts through a small pool: every one finishes, no range is lost or shared."""
+    rng = random.Random(3)
+    prompts = [rng.randint(1, 30) for _ in range(10_000)]
+    _, order, _ = drive(prompts, max_seqs=32, budget=64, max_new=3, rows=600)
+    assert sorted(order) == list(range(10_000))
+
+
 def test_scheduler_rejects_more_seqs_than_budget():
-    with pytest.raises(ValueError, match="max_seqs <= max_step_tokens"):
-        engine.Scheduler(8, 4)
+    with pytest.raises(comm.UserError, match="max_seqs <= max_step_tokens"):
+        engine.Scheduler(8, 4, engine.KVCache(10))
 
 
 def test_buckets():
@@ -79,19 +132,58 @@ def test_buckets():
     assert engine.buckets(64) == [1, 2, 4, 8, 16, 32, 48, 64] and engine.buckets(40)[-1] == 40
 
 
+# ----------------------------------------------------------------------------- sampling
+
+
+def draw(logits, s, ids=None, positions=None):
+    B = logits.shape[0]
+    ids = torch.arange(B) if ids is None else ids
+    return engine.sample(logits, s, ids, torch.zeros(B, dtype=torch.long) if positions is None else positions)
+
+
 def test_sample_greedy_temperature_top_p():
     logits = torch.tensor([[0.0, 3.0, 1.0, -2.0]] * 4000)
-    assert engine.sample(logits, 0.0, 1.0, None).eq(1).all()
-    g = torch.Generator().manual_seed(0)
+    assert draw(logits, engine.Sampling()).eq(1).all()
     # top_p below the largest probability: only the argmax survives.
-    assert engine.sample(logits, 1.0, 0.5, g).eq(1).all()
+    assert draw(logits, engine.Sampling(1.0, 0.5)).eq(1).all()
     # Full sampling follows softmax: frequencies within a few standard errors.
-    freq = torch.bincount(engine.sample(logits, 1.0, 1.0, g), minlength=4).float() / 4000
+    freq = torch.bincount(draw(logits, engine.Sampling(1.0)), minlength=4).float() / 4000
     torch.testing.assert_close(freq, torch.softmax(logits[0], -1), atol=0.03, rtol=0)
     # top_p = 0.9 keeps tokens 1 and 2 (0.84 + 0.11 reaches 0.9), renormalized.
-    freq = torch.bincount(engine.sample(logits, 1.0, 0.9, g), minlength=4).float() / 4000
+    freq = torch.bincount(draw(logits, engine.Sampling(1.0, 0.9)), minlength=4).float() / 4000
     p = torch.softmax(logits[0], -1) * torch.tensor([0, 1, 1, 0])
     torch.testing.assert_close(freq, p / p.sum(), atol=0.03, rtol=0)
+
+
+@pytest.mark.parametrize("temperature,top_p,expect", [
+    (1e-30, 1.0, "argmax"), (1e-45, 1.0, "argmax"), (1e-6, 1e-300, "argmax"), (1.0, 1e-300, "argmax"),
+    (1e30, 1.0, "uniform"), (1e30, 1e-9, "any"), (0.5, 1 - 1e-9, "sampled"), (5.0, 0.999, "sampled")])
+def test_sample_stays_a_distribution_at_extreme_settings(temperature, top_p, expect):
+    """Legal but extreme settings: tiny temperatures and top-p pick the argmax, a huge temperature
+    spreads over every token; never an out-of-range id, never a constant fallback."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4000, 50, generator=g) * 3
+    got = draw(logits, engine.Sampling(temperature, top_p))
+    assert got.min() >= 0 and got.max() < 50
+    if expect == "argmax":
+        assert torch.equal(got, logits.argmax(-1))
+    elif expect == "uniform":
+        assert torch.bincount(got, minlength=50).min() > 0          # every token drawn
+    elif expect == "sampled":
+        assert (got != logits.argmax(-1)).any() and len(got.unique()) > 10
+
+
+def test_sample_depends_on_seed_sequence_and_position_only():
+    """A row's draw is fixed by (seed, sequence id, position): the same in any batch, any order."""
+    logits = torch.randn(64, 1000, generator=torch.Generator().manual_seed(1))
+    s = engine.Sampling(1.0, 0.95, seed=7)
+    ids, pos = torch.randperm(64) + 100, torch.randint(0, 5000, (64,))
+    whole = draw(logits, s, ids, pos)
+    perm = torch.randperm(64)
+    assert torch.equal(draw(logits[perm], s, ids[perm], pos[perm]), whole[perm])
+    assert torch.equal(draw(logits[:5], s, ids[:5], pos[:5]), whole[:5])
+    assert not torch.equal(draw(logits, engine.Sampling(1.0, 0.95, seed=8), ids, pos), whole)
+    assert not torch.equal(draw(logits, s, ids, pos + 1), whole)
 
 
 # ----------------------------------------------------------------------------- served == alone
@@ -105,13 +197,14 @@ def prompts_for(vocab: int):
     return [torch.randint(2, vocab, (n,), generator=g).tolist() for n in PROMPT_LENS]
 
 
-def serve(path, d, dtype, max_seqs, budget, prompts, eos=(), weave_mode="on", backend="auto", graphs=False,
-          max_new=MAX_NEW):
-    model = models.load(path, d, dtype)
-    w = weave.Weaver(model, comm.make_comm(backend, d, model.cfg.hidden, budget, dtype), weave_mode,
-                     weave.Tuning(threshold=16))
-    eng = engine.Engine(w, max_seqs, budget, max(map(len, prompts)) + max_new, graphs)
-    return {s.index: (s.out, s.error) for s in eng.generate(prompts, max_new, eos)}
+def serve(path, d, dtype, max_seqs, budget, prompts, eos=(), weave_mode="on", backend="auto", graphs="off",
+          max_new=MAX_NEW, sampling=engine.Sampling()):
+    """{prompt index: (tokens, error)} from engine.LLM, the weave splitting every step of 16+ tokens."""
+    with engine.LLM(path, dist=d, dtype=dtype, comm=backend, weave=weave_mode, graphs=graphs,
+                    tuning=weave.Tuning(threshold=16), max_seqs=max_seqs, max_step_tokens=budget) as llm:
+        llm.eos = set(eos)
+        return {s.index: (s.out, s.error) for s in llm.generate(prompts, max_new, sampling.temperature,
+                                                                 sampling.top_p, sampling.seed)}
 
 
 # (max_seqs, budget): one sequence at a time; steps of one token; small budgets that chunk every
@@ -129,9 +222,8 @@ def alone(small_ckpt):
     """Each prompt run by itself (one sequence, its whole prompt in one step); an EOS id chosen to
     end prompt 2 after three tokens."""
     prompts = prompts_for(203)
-    ref = {}
-    for i, p in enumerate(prompts):
-        ref[i] = serve(small_ckpt, comm.Dist(), torch.float32, 1, 128, [p], weave_mode="off")[0][0]
+    ref = {i: serve(small_ckpt, comm.Dist(), torch.float32, 1, 128, [p], weave_mode="off")[0][0]
+           for i, p in enumerate(prompts)}
     eos = {ref[2][2]}
     with_eos = {i: serve(small_ckpt, comm.Dist(), torch.float32, 1, 128, [p], eos, weave_mode="off")[0][0]
                 for i, p in enumerate(prompts)}
@@ -146,6 +238,18 @@ def test_served_tokens_equal_alone_tp1(small_ckpt, alone, max_seqs, budget):
     assert {i: out for i, (out, _) in got.items()} == want
 
 
+def test_sampled_tokens_do_not_depend_on_the_batch(small_ckpt, alone):
+    """With sampling, a prompt's tokens depend on the seed and its index alone: the same at any
+    max_seqs and budget (one generator shared by the batch made them depend on what ran beside)."""
+    prompts = alone[0]
+    s = engine.Sampling(1.0, 0.9, seed=11)
+    runs = [serve(small_ckpt, comm.Dist(), torch.float32, m, b, prompts, sampling=s) for m, b in [(1, 128), (4, 16),
+                                                                                                   (10, 40)]]
+    assert runs[0] == runs[1] == runs[2]
+    assert runs[0] != serve(small_ckpt, comm.Dist(), torch.float32, 4, 16, prompts,
+                            sampling=engine.Sampling(1.0, 0.9, seed=12))
+
+
 def test_prompt_errors_do_not_sink_the_others(small_ckpt, alone):
     prompts, eos, want = alone
     too_long = [5] * 600          # the test model's context is 512
@@ -154,12 +258,24 @@ def test_prompt_errors_do_not_sink_the_others(small_ckpt, alone):
     assert got[0] == (want[0], None) and got[3] == (want[1], None)
 
 
-TP_CONFIGS = [(3, 8), (10, 40)]     # (max_seqs, budget) at TP 2 and 4
+def test_pool_follows_lengths_not_the_longest(small_ckpt):
+    """The pool holds what max_seqs sequences can use at once, and a long prompt takes only its own
+    rows: beside it, the short ones still run max_seqs at a time."""
+    with engine.LLM(small_ckpt, dist=comm.Dist(), max_seqs=8, max_step_tokens=64) as llm:
+        prompts = [[3] * 400] + [[4] * 10] * 40
+        llm.prepare(prompts, 4)
+        assert llm.engine.rows == 403 + 7 * 13           # the 8 largest needs: 400 + 3 and 7 x (10 + 3)
+        running = []
+        done = list(llm.generate(prompts, 4, on_step=lambda step, s: running.append(len(step))))
+        assert len(done) == 41 and all(s.error is None for s in done) and max(running) == 8
 
 
 def serve_configs(d, path, prompts, eos):
     """serve() under each of TP_CONFIGS (a job for run_tp)."""
     return [serve(path, d, torch.float32, max_seqs, budget, prompts, eos) for max_seqs, budget in TP_CONFIGS]
+
+
+TP_CONFIGS = [(3, 8), (10, 40)]     # (max_seqs, budget) at TP 2 and 4
 
 
 def test_served_tokens_equal_alone_tp_gloo(small_ckpt, alone, tmp_path):
@@ -173,7 +289,37 @@ def test_served_tokens_equal_alone_tp_gloo(small_ckpt, alone, tmp_path):
             assert {i: out for i, (out, _) in result.items()} == want, (world, config)
 
 
-# ----------------------------------------------------------------------------- CUDA: graphs
+# ----------------------------------------------------------------------------- CUDA
+
+
+@pytest.mark.skipif(N_GPUS < 1, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("nh,nkv,hd", [(32, 8, 128), (8, 8, 64), (6, 1, 128)])
+def test_cuda_one_call_attention_equals_per_span(nh, nkv, hd):
+    """FlashAttention's variable-length call over the cache against the per-span reference (SDPA
+    one span at a time), for a mix of decode tokens, first chunks and chunks after a prefix, odd
+    lengths, ranges in any order; and each half of a split step (the straddler's B part sees A's
+    keys); and the cuDNN path of a long span alone, fresh and after a prefix."""
+    g = torch.Generator("cuda").manual_seed(nh + hd)
+    cfg = llama.Config(hidden=nh * hd, n_heads=nh, n_kv_heads=nkv, head_dim=hd, intermediate=8, vocab=8,
+                       n_layers=1, max_positions=20000)
+    attn = models.build(llama.Transformer, cfg, comm.Dist(device=torch.device("cuda")), torch.bfloat16).layers[0].attn
+    rows = 40000
+    attn.k_cache, attn.v_cache = (torch.randn(rows, nkv, hd, generator=g, device="cuda").bfloat16() for _ in range(2))
+    mixes = [[Span(9000, 100, 1), Span(50, 7, 1), Span(3000, 0, 1), Span(12000, 513, 1), Span(15000, 0, 37),
+              Span(500, 200, 64), Span(7000, 1000, 300), Span(100, 0, 129), Span(17000, 40, 2)],
+             [Span(100 * i, 7 * i, 1) for i in range(1, 40)],         # decode only
+             [Span(20000, 0, 5000)], [Span(20000, 3000, 4500)]]      # alone and long: cuDNN
+    for spans in mixes:
+        T = sum(s.n for s in spans)
+        for split in (None, T // 2 + 3):
+            batch = Batch.make(spans, [0] * T, "cuda", split=split)
+            q = torch.randn(T, nh, hd, generator=g, device="cuda").bfloat16()
+            for half, lo in zip(batch.halves or [batch], [0, split or 0]):
+                got = attn.attend(q[lo:lo + half.T], half).float()
+                want = llama.attend_reference(q[lo:lo + half.T].float(), attn.k_cache.float(), attn.v_cache.float(),
+                                              half)
+                err = ((got - want).norm() / want.norm()).item()
+                assert err < 1e-2, (spans[:2], split, err)
 
 
 @pytest.mark.skipif(N_GPUS < 1, reason="needs a CUDA GPU")
@@ -181,36 +327,35 @@ def test_cuda_graph_decode_equals_eager(small_ckpt, alone):
     """bf16 on one GPU: decode steps replayed from graphs give the tokens eager steps give."""
     prompts, eos, _ = alone
     d = comm.Dist(device=torch.device("cuda", 0))
-    eager = serve(small_ckpt, d, torch.bfloat16, 4, 16, prompts, eos, graphs=False, max_new=20)
-    graphs = serve(small_ckpt, d, torch.bfloat16, 4, 16, prompts, eos, graphs=True, max_new=20)
+    eager = serve(small_ckpt, d, torch.bfloat16, 4, 16, prompts, eos, graphs="off", max_new=20)
+    graphs = serve(small_ckpt, d, torch.bfloat16, 4, 16, prompts, eos, graphs="on", max_new=20)
     assert graphs == eager
 
 
 @pytest.mark.skipif(N_GPUS < 1, reason="needs a CUDA GPU")
 def test_cuda_attention_matches_cpu(small_ckpt):
-    """The CUDA paths (FlashAttention over the cache for decode rows, cuDNN for chunks after a
-    prefix) against the CPU ones, through a mixed step: decode rows, a chunk after a prefix, a fresh
-    prompt, in fp32 on the CPU vs bf16 on the GPU."""
+    """The CUDA paths against the CPU ones through a mixed step (decode rows, a chunk after a prefix,
+    a fresh prompt), in fp32 on the CPU vs bf16 on the GPU."""
     logits = []
     for device, dtype in (("cpu", torch.float32), ("cuda", torch.bfloat16)):
         d = comm.Dist(device=torch.device(device))
         model = models.load(small_ckpt, d, dtype)
-        model.allocate_cache(4, 64)
+        model.allocate_cache(4 * 64)
         w = weave.Weaver(model, comm.make_comm("auto", d, model.cfg.hidden, 64, dtype), "off")
         g = torch.Generator().manual_seed(1)
-        toks = lambda n: torch.randint(0, 203, (n,), generator=g).tolist()
-        w(weave.Batch.make([(0, 0, 20), (1, 0, 9), (2, 0, 12)], toks(41), d.device, 64))
-        mixed = [(0, 20, 1), (1, 9, 1), (2, 12, 6), (3, 0, 11)]
-        logits.append(w(weave.Batch.make(mixed, toks(19), d.device, 64)).float().cpu())
+        toks = lambda n: torch.randint(0, 203, (n,), generator=g).tolist()  # noqa: E731
+        w(w.batch([Span(0, 0, 20), Span(64, 0, 9), Span(128, 0, 12)], toks(41)))
+        mixed = [Span(0, 20, 1), Span(64, 9, 1), Span(128, 12, 6), Span(192, 0, 11)]
+        logits.append(w(w.batch(mixed, toks(19))).float().cpu())
     cpu, cuda = logits
     assert (cuda - cpu).norm() / cpu.norm() < 2e-2
 
 
 def serve_graphs_and_eager(d, path, prompts, eos, backend):
     """(tokens with decode from CUDA graphs, tokens with eager decode), bf16 on the GPUs (a run_tp job)."""
-    run = lambda graphs: serve(path, d, torch.bfloat16, 4, 16, prompts, eos, backend=backend, graphs=graphs,
+    run = lambda graphs: serve(path, d, torch.bfloat16, 4, 16, prompts, eos, backend=backend, graphs=graphs,  # noqa: E731
                                max_new=20)
-    return run(True), run(False)
+    return run("on"), run("off")
 
 
 @pytest.mark.parametrize("world", [2, 4])

@@ -1,24 +1,23 @@
 """GPU tests of multimem_ops.cu: the fused AllReduce + residual add + RMSNorm (p2p transport) on 2
 and 4 GPUs, driven through comm.FusedComm as the model drives it and checked against NCCL's sum and
-comm.add_rmsnorm_ (the reference op); on one GPU, the local fused add + RMSNorm and the RoPE +
-KV-cache kernel.
+comm.add_rmsnorm_ (the reference op); on one GPU, the same kernel's protocol with 2, 4 and 8
+virtual ranks (comm.VirtualRanks), the local fused add + RMSNorm and the RoPE + KV-cache kernel.
 
 Skipped, with the reason, without a Hopper GPU, nvcc, or enough GPUs. Multi-GPU tests spawn one
-process per GPU; a failure on any rank fails the test with that rank's traceback.
+process per GPU (conftest.run_tp); a failure on any rank fails the test with that rank's traceback.
 """
-import faulthandler
 import os
 import random
-import socket
-from datetime import timedelta
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import build_ext
 import comm
+from conftest import run_tp
 
 OK, WHY = build_ext.available()
 GPUS = torch.cuda.device_count() if OK else 0
@@ -152,37 +151,169 @@ def body_stress(comms, calls=2000, every=400):
         verify(*args)
 
 
-def _worker(rank, world, port, body):
-    faulthandler.enable()  # a crash in native code still shows where it happened
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
-    torch.cuda.set_device(rank)
-    dist.init_process_group("nccl", rank=rank, world_size=world, timeout=timedelta(seconds=120),
-                            device_id=torch.device("cuda", rank))
-    body(Comms(comm.Dist(rank, world, torch.device("cuda", rank), rank, world)))
+def fused_job(d, body):
+    """A run_tp job: one of the bodies above on this rank."""
+    body(Comms(d))
     torch.cuda.synchronize()
-    dist.barrier()
-    dist.destroy_process_group()  # only on success: after a failure, spawn ends the others
 
 
-def spawn(world, body):
+def spawn(world, body, tmp):
     if GPUS < world:
         pytest.skip(f"needs {world} CUDA GPUs, found {GPUS}")
     build_ext.load()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_worker, args=(world, port, body), nprocs=world, join=True)
+    run_tp({world: [(fused_job, (body,))]}, tmp, device="cuda")
 
 
 @pytest.mark.parametrize("world", [2, 4])
-def test_fused_allreduce_add_rmsnorm(world):
-    spawn(world, body_cases)
+def test_fused_allreduce_add_rmsnorm(world, tmp_path):
+    spawn(world, body_cases, tmp_path)
 
 
 @pytest.mark.parametrize("world", [2, 4])
-def test_fused_allreduce_add_rmsnorm_back_to_back(world):
-    spawn(world, body_stress)
+def test_fused_allreduce_add_rmsnorm_back_to_back(world, tmp_path):
+    spawn(world, body_stress, tmp_path)
+
+
+# ----------------------------------------------------------------------------- one GPU, virtual ranks
+# N ranks are N launches on N streams of one GPU, each with its own rank and everyone's buffers
+# (comm.VirtualRanks). They spin on each other's flags, so every case keeps N x CTAs within what the
+# GPU holds at once (resident_ctas); a larger one would hang until the timeout, by design.
+
+
+def virtual_inputs(v, T, seed):
+    """Rank r's partial in v.bufs[r], the residual (all rows), the weight; pad rows zero."""
+    N, H = v.n, v.bufs.shape[-1]
+    Tp = comm.padded(T, N)
+    g = torch.Generator("cuda").manual_seed(seed)
+    partial = torch.randn(N, Tp, H, generator=g, device="cuda").to(BF16)
+    residual = torch.randn(Tp, H, generator=g, device="cuda").to(BF16)
+    weight = (1 + 0.1 * torch.randn(H, generator=g, device="cuda")).to(BF16)
+    partial[:, T:], residual[T:] = 0, 0
+    v.bufs[:, :Tp] = partial
+    return partial, residual, weight
+
+
+def virtual_check(what, v, partial, residual, weight, mine):
+    """Every rank's rows equal (bitwise) and the reference's; each rank's residual slice is the
+    kernel's sum in its own order (ranks 0..N-1 in fp32, then the residual), bit for bit."""
+    N, Tp = v.n, partial.shape[1]
+    total = partial[0].float()
+    for r in range(1, N):
+        total += partial[r].float()
+    want_x, want_r = reference(total, residual, weight)
+    x = v.bufs[:, :Tp]
+    assert torch.equal(x.view(torch.int16), x[:1].expand_as(x).view(torch.int16)), f"{what}: ranks differ"
+    assert_close(x[0], want_x, f"{what}: x")
+    assert torch.equal(torch.cat(mine), want_r), f"{what}: residual"
+
+
+def virtual_call(v, T, ctas, seed, what):
+    partial, residual, weight = virtual_inputs(v, T, seed)
+    mine = list(residual.chunk(v.n))
+    mine = [m.clone() for m in mine]
+    v(partial.shape[1], mine, weight, EPS, ctas)
+    virtual_check(what, v, partial, residual, weight, mine)
+
+
+def fits(v, ctas):
+    return v.n * ctas <= v.resident_ctas()
+
+
+@pytest.mark.parametrize("N", [2, 4, 8])
+@pytest.mark.parametrize("H", [4096, 6144, 8192])
+def test_virtual_ranks_equal_reference(N, H):
+    """1 to 16K tokens, odd counts, CTA counts 1-32 (those the GPU holds for N ranks)."""
+    v = comm.VirtualRanks(N, H, 16384, "cuda")
+    cases = [(T, 8) for T in (1, 3, 7, 64, 1000, 1023, 4097, 16384)] + [(T, c) for T in (5, 2049) for c in (1, 2, 4, 16, 32)]
+    ran = 0
+    for i, (T, ctas) in enumerate(cases):
+        if fits(v, ctas):
+            virtual_call(v, T, ctas, seed=i, what=f"N={N} H={H} T={T} ctas={ctas}")
+            ran += 1
+    assert ran >= len(cases) - 5, f"only {ran} cases fit ({v.resident_ctas()} CTAs resident)"
+
+
+@pytest.mark.parametrize("N", [2, 4, 8])
+def test_virtual_ranks_soak(N):
+    """Thousands of back-to-back calls of varying shapes and CTA counts, no host sync between them;
+    every 250th checked against the reference: no stale flag, no hang."""
+    rng = random.Random(N)
+    v = comm.VirtualRanks(N, 8192, 3000, "cuda")
+    unit = torch.ones(8192, dtype=BF16, device="cuda")
+    scratch = torch.zeros(3000, 8192, dtype=BF16, device="cuda")
+    for i in range(3000):
+        T, ctas = rng.randint(1, 3000), rng.choice([c for c in (1, 2, 4, 8, 16, 32) if fits(v, c)])
+        if i % 250 == 249:
+            virtual_call(v, T, ctas, seed=i, what=f"call {i} T={T} ctas={ctas}")
+        else:
+            Tp = comm.padded(T, N)
+            v(Tp, list(scratch[:Tp].chunk(N)), unit, EPS, ctas)
+    torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("N", [2, 4, 8])
+def test_virtual_ranks_graph_replay(N):
+    """Two comm points (different sizes and CTA counts) captured in one CUDA graph, replayed 300
+    times with new inputs written between replays: the same results as eager calls."""
+    v = comm.VirtualRanks(N, 4096, 512, "cuda")
+    sizes = [(comm.padded(37, N), 4), (comm.padded(256, N), 2)]
+    residuals = [[torch.zeros(Tp // N, 4096, dtype=BF16, device="cuda") for _ in range(N)] for Tp, _ in sizes]
+    weight = torch.empty(4096, dtype=BF16, device="cuda")
+    outs = [torch.empty(N, Tp, 4096, dtype=BF16, device="cuda") for Tp, _ in sizes]
+    ins = [torch.empty(N, Tp, 4096, dtype=BF16, device="cuda") for Tp, _ in sizes]
+
+    def points():
+        for (Tp, ctas), res, i, o in zip(sizes, residuals, ins, outs):
+            v.bufs[:, :Tp] = i
+            v(Tp, res, weight, EPS, ctas)
+            o.copy_(v.bufs[:, :Tp])
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        points()                                  # warm-up off the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        points()
+    g = torch.Generator("cuda").manual_seed(N)
+    for rep in range(300):
+        want = []
+        for (Tp, _), res, i in zip(sizes, residuals, ins):
+            i.copy_(torch.randn(N, Tp, 4096, generator=g, device="cuda"))
+            full = torch.randn(Tp, 4096, generator=g, device="cuda").to(BF16)
+            for r in range(N):
+                res[r].copy_(full.chunk(N)[r])
+            want.append((i.clone(), full))
+        weight.copy_(1 + 0.1 * torch.randn(4096, generator=g, device="cuda"))
+        graph.replay()
+        if rep % 30 == 0 or rep == 299:
+            for (Tp, _), res, o, (partial, full) in zip(sizes, residuals, outs, want):
+                v.bufs[:, :Tp] = o                  # virtual_check reads the rows from v.bufs
+                virtual_check(f"replay {rep} Tp={Tp}", v, partial, full, weight, res)
+
+
+FAULT = """
+import sys, torch
+sys.path.insert(0, {root!r})
+import comm
+v = comm.VirtualRanks({n}, 4096, 64, "cuda", timeout_s=0.5)
+res = [torch.zeros(64 // {n}, 4096, dtype=torch.bfloat16, device="cuda") for _ in range({n})]
+w = torch.ones(4096, dtype=torch.bfloat16, device="cuda")
+v(64, res, w, 1e-5, 4, ranks=range({n} - 1))     # the last rank never arrives
+torch.cuda.synchronize()
+print("no error")
+"""
+
+
+@pytest.mark.parametrize("N", [2, 4])
+def test_virtual_rank_that_never_arrives_traps(N):
+    """One rank's launch left out: the others trap after the timeout with the kernel's message, and
+    the process fails with a CUDA error (a trap ends the context: a subprocess)."""
+    r = subprocess.run([sys.executable, "-c", FAULT.format(root=os.path.dirname(os.path.abspath(__file__)), n=N)],
+                       capture_output=True, text=True, timeout=120)
+    out = r.stdout + r.stderr
+    assert r.returncode != 0 and "no error" not in out, out[-2000:]
+    assert "timed out at the entry barrier" in out and "peer" in out, out[-2000:]
 
 
 @pytest.mark.parametrize("T,H", [(1, 8192), (7, 4104), (1000, 4096), (4097, 8192), (333, 12288),

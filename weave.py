@@ -1,19 +1,18 @@
-"""The TokenWeave technique, in the order a step runs: the step's tokens (`Batch`), the wave-aware
-split, the tuned table, the plan (which comm point gets how many CTAs, which GEMMs leave SMs free),
-the two streams, and the `Weaver` that executes the plan.
+"""The TokenWeave technique, in the order a step runs: the wave-aware split, the tuned table, the
+plan (which comm point gets how many CTAs, which GEMMs leave SMs free), the two streams, and the
+`Weaver` that executes the plan.
 
 A model is a list of compute stages (embed, attn_0, mlp_0, ..., mlp_{L-1}). Each stage works in
 place on a step buffer h (T, H): it reads the normalized input x and leaves this rank's partial
 sum. A comm point (comm.py) turns the buffer back into the next stage's x. Above a token threshold
-the step is split in two halves A and B, and each half's comm point runs on a side stream while
-the other half computes:
+the step (batch.py) is split in two halves A and B, and each half's comm point runs on a side
+stream while the other half computes:
 
     compute(A,k) | comm(A,k) beside compute(B,k) | comm(B,k) beside compute(A,k+1) | ...
 """
 import contextlib
 import dataclasses
 import functools
-import itertools
 import json
 import math
 import os
@@ -21,99 +20,8 @@ import warnings
 
 import torch
 
-from comm import Comm, padded
-
-# ----------------------------------------------------------------------------- a step's tokens
-
-
-@dataclasses.dataclass
-class Batch:
-    """One step's tokens, flat: the tokens of several sequences back to back, no padding between.
-
-    seqs holds (KV-cache slot, position of the first token, number of tokens) per sequence, in
-    token order. The first `n_single` sequences have one token each (decode steps): their attention
-    is one call over the cache. What a step reads on the device lives in one int32 tensor, copied
-    from the host once, so a CUDA graph can replay a step over the same buffer with new contents.
-    """
-    seqs: list               # [(slot, start, n)]
-    tokens: torch.Tensor     # (T,) token ids
-    positions: torch.Tensor  # (T,) position of each token in its sequence
-    kv_rows: torch.Tensor    # (T,) row of each token's K/V in the flat cache: slot * max_len + position
-    last_rows: torch.Tensor  # (sequences that end here,) row of each one's last token
-    ctx_lens: torch.Tensor   # (n_single,) context length of each single-token sequence
-    kv_starts: torch.Tensor  # (n_single + 1,) first cache row of each one (the last entry unused)
-    q_starts: torch.Tensor   # (n_single + 1,) 0, 1, ..., n_single: where each one's query is
-
-    @staticmethod
-    def layout(seqs, token_ids, max_len: int) -> torch.Tensor:
-        """The step's device data as one (6, T + 1) int32 host tensor, rows: tokens, positions,
-        kv_rows, last_rows, ctx_lens, kv_starts (each row zero-padded)."""
-        T = sum(n for _, _, n in seqs)
-        if len(token_ids) != T:
-            raise ValueError(f"{len(token_ids)} token ids for sequences of {T} tokens")
-        single = seqs[:count_single(seqs)]
-        rows = [list(token_ids),
-                [s + i for _, s, n in seqs for i in range(n)],
-                [slot * max_len + s + i for slot, s, n in seqs for i in range(n)],
-                [end - 1 for end in itertools.accumulate(n for _, _, n in seqs)],
-                [s + 1 for _, s, _ in single],
-                [slot * max_len for slot, _, _ in single]]
-        out = torch.zeros(6, T + 1, dtype=torch.int32)
-        for i, row in enumerate(rows):
-            out[i, :len(row)] = torch.tensor(row, dtype=torch.int32)
-        return out
-
-    @classmethod
-    def view(cls, seqs, data: torch.Tensor) -> "Batch":
-        """The Batch of seqs over `data`, laid out by `layout` (on the device)."""
-        T, single = sum(n for _, _, n in seqs), count_single(seqs)
-        # q_starts never changes for a given size, so it is no part of the layout a step copies.
-        q_starts = torch.arange(single + 1, dtype=torch.int32, device=data.device)
-        return cls(list(seqs), data[0, :T], data[1, :T], data[2, :T], data[3, :len(seqs)],
-                   data[4, :single], data[5, :single + 1], q_starts)
-
-    @classmethod
-    def make(cls, seqs, token_ids, device, max_len: int) -> "Batch":
-        """seqs: [(slot, start, n)]; token_ids: the T = sum(n) token ids in the same order;
-        max_len: positions per cache slot."""
-        return cls.view(seqs, cls.layout(seqs, token_ids, max_len).to(device, non_blocking=True))
-
-    @property
-    def T(self) -> int:
-        return self.tokens.shape[0]
-
-    @property
-    def n_single(self) -> int:
-        return self.ctx_lens.shape[0]
-
-    def split(self, S: int):
-        """Tokens [0, S) and [S, T). A sequence that straddles S becomes two parts; its first part
-        writes its KV before the second part's attention reads it (same layer, same stream)."""
-        assert 0 < S < self.T
-        a, b, off, ends = [], [], 0, 0
-        for slot, start, n in self.seqs:
-            k = min(max(S - off, 0), n)      # how many of this sequence's tokens fall before S
-            if k:
-                a.append((slot, start, k))
-            if n - k:
-                b.append((slot, start + k, n - k))
-            ends += k == n                   # this sequence's last token is in A
-            off += n
-        s = count_single(a)
-        half = lambda lo, hi, seqs, last, s0, s1: Batch(
-            seqs, self.tokens[lo:hi], self.positions[lo:hi], self.kv_rows[lo:hi], last,
-            self.ctx_lens[s0:s1], self.kv_starts[s0:s1 + 1], self.q_starts[:s1 - s0 + 1])
-        return (half(0, S, a, self.last_rows[:ends], 0, s),
-                half(S, self.T, b, self.last_rows[ends:] - S, s, self.n_single))
-
-
-def count_single(seqs) -> int:
-    """How many sequences at the front have one token each."""
-    n = 0
-    while n < len(seqs) and seqs[n][2] == 1:
-        n += 1
-    return n
-
+from batch import Batch
+from comm import Comm, UserError, padded
 
 # ----------------------------------------------------------------------------- the wave-aware split
 
@@ -142,29 +50,50 @@ def wave_split(T: int, gemm_widths, n_sms: int = 132) -> int:
 class Tuning:
     """When to split and how many CTAs each comm point gets; from configs/<gpu>-<model>-tp<N>.json
     (written by `bench.py tune`), keyed by token count (nearest key wins)."""
-    threshold: int = 1024            # no split below this many tokens: fuse-only
+    threshold: int | None = None     # no split below this many tokens (fuse-only); None: the model's weave_threshold
     fuse_ctas: int = 16              # comm CTAs when nothing overlaps (fuse-only, decode)
     attn_ctas: int = 4               # comm CTAs while the other half runs attention
     mlp_ctas: int = 4                # ... while it runs the MLP
     carveout: bool = True            # overlapped GEMMs leave the comm's CTAs their SMs (see Streams)
     table: dict = dataclasses.field(default_factory=dict)   # tokens -> {offset, attn_ctas, mlp_ctas, carveout}
 
+    KNOBS = {"threshold": int, "fuse_ctas": int, "attn_ctas": int, "mlp_ctas": int, "carveout": bool, "offset": int}
+
     @classmethod
-    def load(cls, path: str | None, threshold: int = 1024, required: bool = False) -> "Tuning":
-        """The table at path; a missing file gives the defaults (an error if `required`), with the
-        model's own threshold where the file has none."""
+    def load(cls, path: str | None, required: bool = False) -> "Tuning":
+        """The table at path; a missing file gives the defaults (an error if `required`)."""
         if not path or not os.path.exists(path):
             if required:
-                raise FileNotFoundError(f"tuning file {path} does not exist (bench.py tune writes one)")
-            return cls(threshold=threshold)
+                raise UserError(f"tuning file {path} does not exist (bench.py tune writes one)")
+            return cls()
         try:
             with open(path) as f:
                 raw = json.load(f)
-            table = {int(k): v for k, v in raw.pop("table", {}).items()}
-            known = {f.name for f in dataclasses.fields(cls)}
-            return cls(**{"threshold": threshold} | {k: v for k, v in raw.items() if k in known}, table=table)
+            if not isinstance(raw, dict) or not isinstance(raw.get("table", {}), dict):
+                raise ValueError("not a JSON object with a table")
+            table = {int(k): cls.checked(v) for k, v in raw.get("table", {}).items()}
+            fields = {f.name for f in dataclasses.fields(cls)} - {"table"}
+            return cls(**cls.checked({k: v for k, v in raw.items() if k in fields}), table=table)
         except (OSError, ValueError, TypeError, AttributeError) as e:
-            raise ValueError(f"tuning file {path} is not a table written by bench.py tune: {e}") from None
+            raise UserError(f"tuning file {path} is not a table written by bench.py tune ({e}); write it again "
+                            f"with bench.py tune") from None
+
+    @classmethod
+    def checked(cls, entry: dict) -> dict:
+        if not isinstance(entry, dict):
+            raise ValueError(f"{entry!r} is not an object")
+        for k, v in entry.items():
+            kind = cls.KNOBS.get(k)
+            if kind and not (isinstance(v, kind) and (kind is bool or not isinstance(v, bool))):
+                raise ValueError(f"{k} is {v!r}, not {'true or false' if kind is bool else 'an integer'}")
+        return entry
+
+    def save(self, path: str, **about):
+        """Writes the table where load reads it; `about` (model, env, ...) goes along for the reader."""
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(dataclasses.asdict(self) | {"table": {str(k): v for k, v in self.table.items()}} | about, f,
+                      indent=1)
 
     def entry(self, T: int) -> dict:
         if not self.table:
@@ -192,15 +121,15 @@ def tuning_path(cfg, world: int) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
-class Step:
-    """One stage of one half: the CTAs of the comm point after it, and the SMs its GEMMs leave free
-    for the comm kernel that runs beside it (0: nothing runs beside it)."""
+class StagePlan:
+    """What one stage of one half gets: the CTAs of the comm point after it, and the SMs its GEMMs
+    leave free for the comm kernel that runs beside it (0: nothing runs beside it)."""
     ctas: int
     carveout: int
 
 
 def plan(kinds: list, split: bool, tuning: Tuning, T: int) -> list:
-    """[stage][half] -> Step, for stages of the given kinds ('embed', 'attn', 'mlp').
+    """[stage][half] -> StagePlan, for stages of the given kinds ('embed', 'attn', 'mlp').
 
     Unsplit, every comm point runs alone with fuse_ctas. Split, comm(A, k) runs beside compute(B, k)
     and comm(B, k) beside compute(A, k+1): a comm point gets the CTA budget of the stage kind it
@@ -208,15 +137,15 @@ def plan(kinds: list, split: bool, tuning: Tuning, T: int) -> list:
     LM head), and each stage but A's first carves out the budget of the comm beside it.
     """
     if not split:
-        return [[Step(tuning.fuse_ctas, 0)] for _ in kinds]
+        return [[StagePlan(tuning.fuse_ctas, 0)] for _ in kinds]
     e = tuning.entry(T)
     carve = tuning.carveout and e.get("carveout", True)
 
     def budget(k):   # CTAs of a comm point running beside stage k
         kind = "mlp" if k < len(kinds) and kinds[k] == "mlp" else "attn"
         return e.get(f"{kind}_ctas", getattr(tuning, f"{kind}_ctas"))
-    return [[Step(budget(k), budget(k) if carve and k else 0),        # A: beside comm(B, k-1)
-             Step(budget(k + 1), budget(k) if carve else 0)]          # B: beside comm(A, k)
+    return [[StagePlan(budget(k), budget(k) if carve and k else 0),   # A: beside comm(B, k-1)
+             StagePlan(budget(k + 1), budget(k) if carve else 0)]     # B: beside comm(A, k)
             for k in range(len(kinds))]
 
 
@@ -282,13 +211,16 @@ class Weaver:
     one half's communication with the other half's computation.
 
     mode: auto (split at or above the tuned threshold) | on (split every step of 2+ tokens) | off.
+    The caller lays a step out with the split it asks for (split_point), so that each half's
+    attention metadata is on the device with the rest of the step.
     """
 
     def __init__(self, model, comm: Comm, mode: str = "auto", tuning: Tuning | None = None):
         if mode not in ("auto", "on", "off"):
-            raise ValueError(f"weave mode must be auto, on or off, not {mode!r}")
+            raise UserError(f"weave mode must be auto, on or off, not {mode!r}")
         self.model, self.comm, self.mode = model, comm, mode
-        self.tuning = tuning or Tuning(threshold=model.weave_threshold)
+        self.tuning = tuning or Tuning()
+        self.threshold = model.weave_threshold if self.tuning.threshold is None else self.tuning.threshold
         self.streams = Streams(comm.d.device)
         self.n_sms = torch.cuda.get_device_properties(comm.d.device).multi_processor_count if self.streams.cuda else 132
         self.stages = model.stages()
@@ -297,15 +229,18 @@ class Weaver:
     def split_point(self, T: int):
         """Where to split a step of T tokens, or None. auto never splits a single rank: with no
         communication to hide, two halves only cost (half-size GEMMs, twice the launches)."""
-        if self.mode == "off" or T < 2 or (self.mode == "auto" and (T < self.tuning.threshold or self.comm.d.world == 1)):
+        if self.mode == "off" or T < 2 or (self.mode == "auto" and (T < self.threshold or self.comm.d.world == 1)):
             return None
         return self.tuning.split(T, self.model.gemm_widths, self.n_sms)
 
-    def __call__(self, batch: Batch, split: int | None = None) -> torch.Tensor:
-        """Logits (B, V) of the last token of each sequence that ends in this batch; split overrides
-        the planned split point."""
-        S = self.split_point(batch.T) if split is None else split
-        halves = [batch] if not S else list(batch.split(S))
+    def batch(self, spans: list, tokens: list, seq_ids: list | None = None, split: int | None = None) -> Batch:
+        """A step on this rank's device, laid out with the split this Weaver plans (or `split`)."""
+        T = sum(s.n for s in spans)
+        return Batch.make(spans, tokens, self.comm.d.device, seq_ids, self.split_point(T) if split is None else split)
+
+    def __call__(self, batch: Batch) -> torch.Tensor:
+        """Logits (B, V) of the last token of each sequence that ends in this batch."""
+        halves = list(batch.halves or [batch])
         steps = plan(self.kinds, len(halves) == 2, self.tuning, batch.T)
         n = [padded(half.T, self.comm.d.world) for half in halves]
         bufs = [self.comm.buffer(i, n[i]) for i in range(len(halves))]
