@@ -45,14 +45,18 @@ class Sequence:
 
     @property
     def need(self) -> int:
-        """Cache rows it holds while it runs: its prompt and every new token but the last."""
-        return len(self.prompt) + self.max_new - 1
+        return cache_need(len(self.prompt), self.max_new)
 
     def next_tokens(self, n: int) -> list:
         """The n tokens after the cached ones: a prompt chunk, or the last sampled token."""
         if self.cached < len(self.prompt):
             return self.prompt[self.cached:self.cached + n]
         return self.out[self.cached - len(self.prompt):][:n]
+
+
+def cache_need(prompt: int, max_new: int) -> int:
+    """Cache rows a sequence holds while it runs: its prompt and every new token but the last."""
+    return prompt + max_new - 1
 
 
 # ----------------------------------------------------------------------------- cache and scheduler
@@ -288,16 +292,12 @@ class Engine:
         Scheduler.check_limits(max_seqs, max_step_tokens)
         self.runner, self.rows, self.cap, self.activations = None, 0, None, None
 
-    def runnable(self, prompts: list, max_new: int) -> tuple:
-        """The sequences of these prompts, those that can run at all (any cache size) among them."""
-        seqs = [Sequence(i, list(p), max_new) for i, p in enumerate(prompts)]
-        return seqs, [s for s in seqs if s.prompt and len(s.prompt) + max_new <= self.model.cfg.max_positions]
-
     def prepare(self, prompts: list, max_new: int):
         """Sizes the pool for these prompts (the most that max_seqs of them can hold at once, within
         memory) and captures decode graphs for the batch sizes they can reach."""
-        _, ok = self.runnable(prompts, max_new)
-        needs = sorted(s.need for s in ok) or [1]
+        context = self.model.cfg.max_positions
+        ok = [len(p) for p in prompts if p and len(p) + max_new <= context]   # those that can run at all
+        needs = sorted(cache_need(n, max_new) for n in ok) or [1]
         want = sum(needs[-self.max_seqs:])
         if self.cap is None:
             self.cap = self.fits()
@@ -365,7 +365,7 @@ class Engine:
         prompts: token id lists; on_token(seq, token) is called for every new token, on_step(step,
         seconds) after every step ([(sequence, tokens)], its time from scheduling to its tokens)."""
         self.prepare(prompts, max_new)
-        seqs, _ = self.runnable(prompts, max_new)
+        seqs = [Sequence(i, list(p), max_new) for i, p in enumerate(prompts)]
         sched, eos = Scheduler(self.max_seqs, self.budget, KVCache(self.rows)), set(eos)
         for s in seqs:
             s.error = self.check(s)
