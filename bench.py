@@ -30,7 +30,7 @@ import comm
 import engine
 import models
 import weave
-from batch import Batch, Span
+from batch import Span
 from comm import UserError
 
 # name -> how the step runs: comm backend, weave mode, GEMM carveout beside the comm, cuDNN for long prompts

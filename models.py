@@ -92,7 +92,6 @@ def load_checkpoint(model, path: str, log=print, partial: bool = False):
     shards listed by model.safetensors.index.json) into the model, reading only that slice. Every
     tensor must have the full shape the config implies, and every tensor in the checkpoint must be
     used (but HARMLESS ones; a `partial` model, its first layers only, leaves the rest unread)."""
-    from safetensors import safe_open
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
         weight_map = read_json(path, "model.safetensors.index.json")
