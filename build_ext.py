@@ -82,7 +82,20 @@ def _build_here(directory: Path, verbose: bool):
     ok, why = available()
     if not ok:
         raise BuildError(why)
+    built = directory / f"{NAME}.so"
+    if built.exists() and not verbose:   # the directory is keyed by the source: importing it is enough
+        return _import(built)
     return _build(directory, verbose)
+
+
+def _import(path: Path):
+    """The built module, imported directly: cpp_extension.load would import setuptools and run ninja
+    to find it up to date, about a second of every start-up."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(NAME, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _try(fn):
@@ -129,7 +142,9 @@ def load(verbose: bool = False):
         fused_add_rmsnorm=_checked(module.fused_add_rmsnorm, _check_add_rmsnorm, limits),
         fused_allreduce_add_rmsnorm=_checked(module.fused_allreduce_add_rmsnorm, _check_allreduce, limits),
         rope_kv_cache=_checked(module.rope_kv_cache, _check_rope, limits),
-        resident_ctas=module.resident_ctas, limits=limits, so=module.__file__)
+        decode_attention=_checked(module.decode_attention, _check_decode, limits),
+        silu_mul=_checked(module.silu_mul, _check_silu_mul, limits),
+        decode_slices=module.decode_slices, resident_ctas=module.resident_ctas, limits=limits, so=module.__file__)
     return _module
 
 
@@ -190,6 +205,7 @@ def _check_allreduce(limits, buf, peer_bufs, multicast_ptr, peer_flags, rank, re
     if not 1 <= n_ctas <= most or timeout_s <= 0:
         raise RuntimeError(f"{op}: n_ctas must be in [1, {most}] (got {n_ctas}) and timeout_s positive")
 
+
 def _check_rope(limits, qkv, rope, positions, kv_rows, k_cache, v_cache):
     op = "rope_kv_cache"
     for name, t, dtype in [("qkv", qkv, torch.bfloat16), ("rope", rope, torch.bfloat16), ("positions", positions, torch.int32),
@@ -208,6 +224,48 @@ def _check_rope(limits, qkv, rope, positions, kv_rows, k_cache, v_cache):
     if positions.shape != (T,) or kv_rows.shape != (T,) or rope.dim() != 3 or rope.shape[1:] != (2, hd):
         raise RuntimeError(f"{op}: positions and kv_rows must be [{T}], rope [max_len, 2, {hd}]; got "
                            f"{tuple(positions.shape)}, {tuple(kv_rows.shape)}, {tuple(rope.shape)}")
+
+
+def _check_decode(limits, q, k_cache, v_cache, kv_starts, kv_lens, out, part_o, part_lse, max_k, scale):
+    op, hd, most = "decode_attention", limits["decode_head_dim"], limits["decode_max_group"]
+    for name, t, dtype in [("k_cache", k_cache, torch.bfloat16), ("v_cache", v_cache, torch.bfloat16),
+                           ("kv_starts", kv_starts, torch.int32), ("kv_lens", kv_lens, torch.int32),
+                           ("out", out, torch.bfloat16), ("part_o", part_o, torch.float32),
+                           ("part_lse", part_lse, torch.float32)]:
+        if not t.is_cuda or t.dtype != dtype or not t.is_contiguous() or t.device != q.device:
+            raise RuntimeError(f"{op}: {name} must be a contiguous {dtype} CUDA tensor on {q.device}, "
+                               f"got {t.dtype} on {t.device}, contiguous={t.is_contiguous()}")
+    if q.dtype != torch.bfloat16 or q.dim() != 3 or q.stride(2) != 1 or q.stride(1) != q.shape[2] or q.stride(0) % 2:
+        raise RuntimeError(f"{op}: q must be bfloat16 [B, nh, hd] with contiguous heads (rows may be strided), "
+                           f"got {q.dtype} {tuple(q.shape)} strides {q.stride()}")
+    B, nh, _ = q.shape
+    if k_cache.dim() != 3 or v_cache.shape != k_cache.shape or k_cache.shape[2] != hd or q.shape[2] != hd:
+        raise RuntimeError(f"{op}: q [B, nh, {hd}] and k_cache, v_cache [rows, nkv, {hd}] alike; got "
+                           f"{tuple(q.shape)}, {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
+    nkv = k_cache.shape[1]
+    if nh % nkv or nh // nkv > most:
+        raise RuntimeError(f"{op}: needs nh a multiple of nkv with at most {most} query heads per kv head, "
+                           f"got nh {nh}, nkv {nkv}")
+    if kv_starts.shape != (B,) or kv_lens.shape != (B,) or out.shape != q.shape:
+        raise RuntimeError(f"{op}: kv_starts and kv_lens must be [{B}] and out {tuple(q.shape)}; got "
+                           f"{tuple(kv_starts.shape)}, {tuple(kv_lens.shape)}, {tuple(out.shape)}")
+    splits = _module.decode_slices(max_k) if max_k >= 1 else 0
+    if splits < 1 or (splits > 1 and (part_o.shape != (splits, B, nh, hd) or part_lse.shape != (splits, B, nh))):
+        raise RuntimeError(f"{op}: max_k must be at least 1 and, with {max_k}, part_o [{splits}, {B}, {nh}, {hd}] "
+                           f"and part_lse [{splits}, {B}, {nh}]; got {tuple(part_o.shape)} and {tuple(part_lse.shape)}")
+    if B and not 1 <= int(kv_lens.min()) <= int(kv_lens.max()) <= max_k:
+        raise RuntimeError(f"{op}: every kv_lens must be in [1, max_k = {max_k}]")
+
+
+def _check_silu_mul(limits, gate_up, out):
+    op = "silu_mul"
+    for name, t in (("gate_up", gate_up), ("out", out)):
+        if not t.is_cuda or t.dtype != torch.bfloat16 or not t.is_contiguous() or t.dim() != 2 or t.data_ptr() % 16:
+            raise RuntimeError(f"{op}: {name} must be a contiguous, 16-byte aligned 2-D bfloat16 CUDA tensor")
+    T, I = out.shape
+    if gate_up.shape != (T, 2 * I) or I % 8:
+        raise RuntimeError(f"{op}: gate_up must be [T, 2 I] for out [T, I] with I % 8 == 0; got "
+                           f"{tuple(gate_up.shape)} and {tuple(out.shape)}")
 
 
 def _cuda_tool(name: str) -> str:

@@ -12,7 +12,6 @@ import warnings
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention.bias import causal_lower_right
 
 from batch import Batch
 from comm import Dist, UserError, load_ext
@@ -258,6 +257,9 @@ class Attention(nn.Module):
         self.qkv = ColumnParallel(d, cfg.hidden, [q, kv, kv], bias=cfg.qkv_bias, what="attention heads")
         self.o = RowParallel(d, q, cfg.hidden, what="attention heads")
         self.rope, self.ext, self.cudnn = rope, ext, cudnn   # rope (max_positions, 2, hd), shared by all layers
+        # Decode tokens attend through the extension's kernel where it fits the shape.
+        self.decode_kernel = ext is not None and self.hd == ext.limits["decode_head_dim"] and \
+            self.nh // self.nkv <= ext.limits["decode_max_group"]
         self.k_cache = self.v_cache = None
 
     def forward(self, h, batch: Batch):
@@ -279,10 +281,11 @@ class Attention(nn.Module):
     def attend(self, q, batch: Batch):
         """q (T, nh, hd) against the cache, which holds this step's keys and values already. Each
         span's queries see its keys up to their own positions (the causal mask aligned to the span's
-        end). FlashAttention's variable-length kernel reads every span's keys in place, in two calls
-        at most: the decode tokens, then the prompt chunks. One call for both runs every decode token
-        as a tile of 128 queries: `bench.py serve` (1000 x 1024/128, budget 2048, H200) made 2024
-        output tok/s that way and 3211 with two calls."""
+        end). Two calls at most, each reading every span's keys in place: the decode tokens (the
+        extension's split-KV kernel, or FlashAttention), then the prompt chunks (FlashAttention's
+        variable-length kernel). One FlashAttention call for both runs every decode token as a tile of
+        128 queries: `bench.py serve` (1000 x 1024/128, budget 2048, H200) made 2024 output tok/s that
+        way and 3211 with two calls."""
         if not q.is_cuda:
             return attend_reference(q, self.k_cache, self.v_cache, batch)
         if self.cudnn and len(batch.spans) == 1 and batch.T >= CUDNN_MIN_TOKENS:
@@ -290,12 +293,26 @@ class Attention(nn.Module):
         s, n = batch.n_single, len(batch.spans)
         flash = lambda q, cu_q, kv_starts, kv_lens, max_q: torch.ops.aten._flash_attention_forward(  # noqa: E731
             q, self.k_cache, self.v_cache, cu_q, kv_starts, max_q, batch.max_k, 0.0, True, False, seqused_k=kv_lens)[0]
-        if s in (0, n):                                                       # one kind of span: one call
+        if s == 0:                                                            # prompt chunks only
             return flash(q, batch.cu_q, batch.kv_starts, batch.kv_lens, batch.max_q)   # (T, nh, hd)
-        o = q.new_empty(q.shape)
-        o[:s] = flash(q[:s], batch.cu_q[:s + 1], batch.kv_starts[:s + 1], batch.kv_lens[:s], 1)
-        o[s:] = flash(q[s:], batch.cu_c, batch.kv_starts[s:], batch.kv_lens[s:], batch.max_q)
+        o = q.new_empty(q.shape)                                              # (T, nh, hd)
+        if self.decode_kernel:
+            self.attend_decode(q[:s], batch.kv_starts[:s], batch.kv_lens[:s], batch.max_k, out=o[:s])
+        else:
+            o[:s] = flash(q[:s], batch.cu_q[:s + 1], batch.kv_starts[:s + 1], batch.kv_lens[:s], 1)
+        if s < n:
+            o[s:] = flash(q[s:], batch.cu_c, batch.kv_starts[s:], batch.kv_lens[s:], batch.max_q)
         return o
+
+    def attend_decode(self, q, kv_starts, kv_lens, max_k: int, out):
+        """out (B, nh, hd) <- one query per sequence, q (B, nh, hd), against its kv_lens[b] keys from
+        cache row kv_starts[b], all of them at most max_k: multimem_ops.cu's decode_attention."""
+        B, slices = q.shape[0], self.ext.decode_slices(max_k)
+        shape = (slices, B, self.nh) if slices > 1 else (0, 0, 0)
+        part_o = torch.empty(*shape, self.hd, dtype=torch.float, device=q.device)   # (slices, B, nh, hd)
+        part_lse = torch.empty(shape, dtype=torch.float, device=q.device)            # (slices, B, nh)
+        self.ext.decode_attention.unchecked(q, self.k_cache, self.v_cache, kv_starts, kv_lens, out, part_o, part_lse,
+                                            max_k, self.hd ** -0.5)
 
     def attend_cudnn(self, q, span):
         """One long span: plain causal attention if it starts a sequence; after a prefix, two cuDNN
@@ -325,7 +342,9 @@ def attend_reference(q, k_cache, v_cache, batch: Batch):
     for s in batch.spans:
         qs = q[off:off + s.n].transpose(0, 1)[None]                           # (1, nh, n, hd)
         K, V = (c[s.row:s.row + s.start + s.n].transpose(0, 1)[None] for c in (k_cache, v_cache))  # (1, nkv, start + n, hd)
-        mask = causal_lower_right(s.n, s.start + s.n) if s.start else None    # a chunk sees its prefix
+        # A chunk after a prefix: query i sees keys up to start + i (the causal mask aligned to the end).
+        # A boolean mask rather than torch.nn.attention.bias, whose import pulls in torch._dynamo (seconds).
+        mask = torch.ones(s.n, s.start + s.n, dtype=torch.bool, device=q.device).tril(s.start) if s.start else None
         out = F.scaled_dot_product_attention(qs, K, V, attn_mask=mask, is_causal=not s.start, enable_gqa=True)
         o[off:off + s.n] = out[0].transpose(0, 1)
         off += s.n
@@ -350,18 +369,29 @@ def cudnn_works(device: torch.device, dtype) -> str:
         return str(e).splitlines()[0]
 
 
+def swiglu(gate_up, ext):
+    """(T, 2I) [gate | up] -> (T, I) silu(gate) * up, rounded as torch rounds it in bf16 (the silu,
+    then the product): one kernel of the extension where it is loaded, else torch's two."""
+    if ext is not None and gate_up.is_cuda and gate_up.shape[1] % 16 == 0:
+        out = gate_up.new_empty(gate_up.shape[0], gate_up.shape[1] // 2)
+        ext.silu_mul.unchecked(gate_up, out)
+        return out
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x)), gate and up in one GEMM."""
 
-    def __init__(self, cfg: Config, d: Dist):
+    def __init__(self, cfg: Config, d: Dist, ext):
         super().__init__()
+        self.ext = ext
         self.gate_up = ColumnParallel(d, cfg.hidden, [cfg.intermediate] * 2, what="MLP features")
         self.down = RowParallel(d, cfg.intermediate, cfg.hidden, what="MLP features")
 
     def forward(self, h, batch: Batch):
         """h (T, H): x in, this rank's partial of down_proj out."""
-        gate, up = self.gate_up(h).chunk(2, dim=-1)                           # (T, I/N) each
-        self.down(F.silu(gate) * up, out=h)
+        self.down(swiglu(self.gate_up(h), self.ext), out=h)                  # (T, 2I/N) -> (T, I/N) -> (T, H)
 
     def loaders(self, p: str) -> dict:
         return {f"{p}.gate_proj.weight": self.gate_up.loader(0), f"{p}.up_proj.weight": self.gate_up.loader(1),
@@ -377,7 +407,7 @@ class Layer(nn.Module):
         self.input_norm = RMSNorm(cfg.hidden, cfg.eps)
         self.attn = Attention(cfg, d, rope, ext, cudnn)
         self.post_attn_norm = RMSNorm(cfg.hidden, cfg.eps)
-        self.mlp = mlp_cls(cfg, d)
+        self.mlp = mlp_cls(cfg, d, ext)
 
 
 class Transformer(nn.Module):
@@ -393,7 +423,7 @@ class Transformer(nn.Module):
         if why and d.device.type == "cuda" and d.rank == 0:
             warnings.warn(f"cuDNN attention unavailable ({why}); long prompts use FlashAttention (slower)", stacklevel=2)
         rope = rope_table(cfg, cfg.max_positions, dtype, d.device)
-        ext = load_ext(d) if dtype == torch.bfloat16 and cfg.head_dim % 8 == 0 else None   # RoPE + cache write
+        ext = load_ext(d) if dtype == torch.bfloat16 and cfg.head_dim % 8 == 0 else None   # attention, SwiGLU
         self.embed_tokens = VocabParallel(d, cfg.vocab, cfg.hidden)
         self.layers = nn.ModuleList(Layer(cfg, d, self.MLP, rope, ext, not why) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.hidden, cfg.eps)

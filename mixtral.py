@@ -41,9 +41,9 @@ class MoE(nn.Module):
     """Routing as transformers does it: softmax in fp32 over all experts, top-k, the k weights
     renormalized to sum to 1. Then two grouped GEMMs over the (token, choice) pairs sorted by expert."""
 
-    def __init__(self, cfg: Config, d: Dist):
+    def __init__(self, cfg: Config, d: Dist, ext):
         super().__init__()
-        self.d, self.k, E, H = d, cfg.top_k, cfg.n_experts, cfg.hidden
+        self.d, self.k, E, H, self.ext = d, cfg.top_k, cfg.n_experts, cfg.hidden, ext
         self.n = llama.shard(cfg.intermediate, d, "expert MLP features")                  # I/N
         self.router = nn.Parameter(torch.empty(E, H), requires_grad=False)                # replicated
         self.w13 = nn.Parameter(torch.empty(E, 2 * self.n, H), requires_grad=False)       # [gate; up] rows
@@ -63,8 +63,8 @@ class MoE(nn.Module):
         ends = torch.searchsorted(pairs, torch.arange(E, device=h.device), right=True).int()   # (E,)
         tokens = order // self.k                                        # (T*k,) the token of each pair
         # One grouped GEMM runs every expert on its rows; mat_b is (E, K, N): the weights transposed.
-        gate, up = torch._grouped_mm(x[tokens], self.w13.transpose(1, 2), offs=ends).chunk(2, dim=-1)  # (T*k, I/N)
-        y = torch._grouped_mm(F.silu(gate) * up, self.w2.transpose(1, 2), offs=ends)   # (T*k, H) partial
+        gate_up = torch._grouped_mm(x[tokens], self.w13.transpose(1, 2), offs=ends)   # (T*k, 2I/N)
+        y = torch._grouped_mm(llama.swiglu(gate_up, self.ext), self.w2.transpose(1, 2), offs=ends)   # (T*k, H) partial
         # Weight in fp32, add in h's dtype, pairs in expert order: as transformers' loop over experts.
         h.zero_().index_add_(0, tokens, (y * weights.flatten()[order, None]).to(h.dtype))
 

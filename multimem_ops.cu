@@ -1,5 +1,6 @@
 /*
-TokenWeave kernels: AllReduce + residual add + RMSNorm in one kernel, and the local add + RMSNorm.
+TokenWeave kernels: AllReduce + residual add + RMSNorm in one kernel, the local add + RMSNorm, and
+the attention a decode step needs (RoPE + cache write, decode attention).
 
 What it computes (bf16 in and out, fp32 math, HF transformers' RMSNorm):
     r  = bf16( float(sum over ranks of partial) + float(residual) )     residual <- r
@@ -28,6 +29,10 @@ Kernels:
                                     RoPE (rotate-half, HF's bf16 rounding of each product and of
                                     the sum) on q in place in qkv [T, (nh + 2 nkv) hd], on k into
                                     k_cache[kv_rows[t]], and v copied into v_cache[kv_rows[t]].
+  decode_attention                  one query per sequence (decode) against its range of the KV
+                                    cache, on the tensor cores, long sequences split over the keys
+                                    and merged by their log-sum-exp (see below).
+  silu_mul                          SwiGLU's activation, silu(gate) * up, in one pass.
 
 Build:
   JIT, as the project uses it:     python build_ext.py      (torch.utils.cpp_extension, sm_90a)
@@ -63,6 +68,8 @@ timed out and traps, instead of hanging the job when a peer has died.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
 
@@ -459,8 +466,9 @@ int resident_ctas(int nvec, int n) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// RoPE and the KV-cache write. One CTA per token; a thread takes two neighbouring pairs (i, i+1)
-// and (i + hd/2, i + 1 + hd/2) of one head, as bf16x2 words.
+// RoPE and the KV-cache write. A thread takes two neighbouring pairs (i, i+1) and (i + hd/2,
+// i + 1 + hd/2) of one head, as bf16x2 words, or one 16-byte vector of v: one item each, so that a
+// decode step of a few tokens spreads over many CTAs (blockIdx.y) instead of looping in one.
 
 struct RopeParams {
   __nv_bfloat16* qkv;              // [T, (nh + 2 nkv) hd]
@@ -479,41 +487,384 @@ __device__ __forceinline__ float rope_one(float x, float partner, float c, float
   return a + b;  // rounded by the caller's store
 }
 
-__global__ void rope_kv_cache_kernel(const RopeParams p) {
+constexpr int ROPE_THREADS = 128;
+
+__host__ __device__ constexpr int rope_items(const RopeParams& p) {
+  return (p.nh + p.nkv) * p.hd / 4 + p.nkv * p.hd / 8;   // bf16x2 pairs of q and k, then v's vectors
+}
+
+__global__ void __launch_bounds__(ROPE_THREADS) rope_kv_cache_kernel(const RopeParams p) {
   const int t = blockIdx.x, half = p.hd / 2, width = (p.nh + 2 * p.nkv) * p.hd;
+  const int j = blockIdx.y * ROPE_THREADS + threadIdx.x, pairs = (p.nh + p.nkv) * half / 2;
+  if (j >= rope_items(p)) return;
   __nv_bfloat16* x = p.qkv + static_cast<size_t>(t) * width;
-  const __nv_bfloat16* cs = p.rope + static_cast<size_t>(p.positions[t]) * 2 * p.hd;
   const size_t kv = static_cast<size_t>(p.kv_rows[t]) * p.nkv * p.hd;
-  const int pairs = (p.nh + p.nkv) * half / 2;  // bf16x2 words of the first halves of q and k heads
-  for (int j = threadIdx.x; j < pairs; j += blockDim.x) {
-    const int head = 2 * j / half, i = 2 * j % half;
-    __nv_bfloat162* lo = reinterpret_cast<__nv_bfloat162*>(x + head * p.hd + i);
-    __nv_bfloat162* hi = reinterpret_cast<__nv_bfloat162*>(x + head * p.hd + i + half);
-    const float2 a = __bfloat1622float2(*lo), b = __bfloat1622float2(*hi);
-    // Each element reads its own cos and sin (HF's table repeats the first half, but nothing needs it to).
-    const auto at = [&](int k) { return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(cs + k)); };
-    const float2 c = at(i), s = at(p.hd + i), c2 = at(i + half), s2 = at(p.hd + i + half);
-    // rotate_half pairs x_i with -x_{i + hd/2} and x_{i + hd/2} with x_i.
-    const __nv_bfloat162 out_lo = __floats2bfloat162_rn(rope_one(a.x, -b.x, c.x, s.x), rope_one(a.y, -b.y, c.y, s.y));
-    const __nv_bfloat162 out_hi =
-        __floats2bfloat162_rn(rope_one(b.x, a.x, c2.x, s2.x), rope_one(b.y, a.y, c2.y, s2.y));
-    if (head < p.nh) {  // q: in place
-      *lo = out_lo;
-      *hi = out_hi;
-    } else {            // k: into the cache
-      __nv_bfloat16* k = p.k_cache + kv + (head - p.nh) * p.hd;
-      *reinterpret_cast<__nv_bfloat162*>(k + i) = out_lo;
-      *reinterpret_cast<__nv_bfloat162*>(k + i + half) = out_hi;
-    }
+  if (j >= pairs) {   // v: copied into the cache
+    const int k = j - pairs;
+    reinterpret_cast<uint4*>(p.v_cache + kv)[k] = reinterpret_cast<const uint4*>(x + (p.nh + p.nkv) * p.hd)[k];
+    return;
   }
-  const uint4* v = reinterpret_cast<const uint4*>(x + (p.nh + p.nkv) * p.hd);
-  uint4* dst = reinterpret_cast<uint4*>(p.v_cache + kv);
-  for (int j = threadIdx.x; j < p.nkv * p.hd / 8; j += blockDim.x) dst[j] = v[j];
+  const __nv_bfloat16* cs = p.rope + static_cast<size_t>(p.positions[t]) * 2 * p.hd;
+  const int head = 2 * j / half, i = 2 * j % half;
+  __nv_bfloat162* lo = reinterpret_cast<__nv_bfloat162*>(x + head * p.hd + i);
+  __nv_bfloat162* hi = reinterpret_cast<__nv_bfloat162*>(x + head * p.hd + i + half);
+  const float2 a = __bfloat1622float2(*lo), b = __bfloat1622float2(*hi);
+  // Each element reads its own cos and sin (HF's table repeats the first half, but nothing needs it to).
+  const auto at = [&](int k) { return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(cs + k)); };
+  const float2 c = at(i), s = at(p.hd + i), c2 = at(i + half), s2 = at(p.hd + i + half);
+  // rotate_half pairs x_i with -x_{i + hd/2} and x_{i + hd/2} with x_i.
+  const __nv_bfloat162 out_lo = __floats2bfloat162_rn(rope_one(a.x, -b.x, c.x, s.x), rope_one(a.y, -b.y, c.y, s.y));
+  const __nv_bfloat162 out_hi =
+      __floats2bfloat162_rn(rope_one(b.x, a.x, c2.x, s2.x), rope_one(b.y, a.y, c2.y, s2.y));
+  if (head < p.nh) {  // q: in place
+    *lo = out_lo;
+    *hi = out_hi;
+  } else {            // k: into the cache
+    __nv_bfloat16* k = p.k_cache + kv + (head - p.nh) * p.hd;
+    *reinterpret_cast<__nv_bfloat162*>(k + i) = out_lo;
+    *reinterpret_cast<__nv_bfloat162*>(k + i + half) = out_hi;
+  }
 }
 
 cudaError_t launch_rope_kv_cache(const RopeParams& p, cudaStream_t stream) {
   if (p.tokens < 1 || p.hd % 8 || p.nh < 1 || p.nkv < 1) return cudaErrorInvalidValue;
-  rope_kv_cache_kernel<<<p.tokens, 128, 0, stream>>>(p);
+  const dim3 grid(p.tokens, (rope_items(p) + ROPE_THREADS - 1) / ROPE_THREADS);
+  rope_kv_cache_kernel<<<grid, ROPE_THREADS, 0, stream>>>(p);
+  return cudaSuccess;
+}
+
+// ---------------------------------------------------------------------------------------------
+// SwiGLU's activation: out [T, I] = silu(gate) * up from gate_up [T, 2I] (gate, then up), rounded as
+// torch rounds F.silu(gate) * up in bf16: silu in fp32 to bf16, then the product in fp32 to bf16.
+// One thread per 16-byte vector of out.
+
+__global__ void silu_mul_kernel(const uint4* gate_up, uint4* out, int tokens, int nvec) {
+  const size_t j = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (j >= static_cast<size_t>(tokens) * nvec) return;
+  const size_t t = j / nvec, i = j % nvec;
+  float g[8], u[8];
+  unpack8(gate_up[t * 2 * nvec + i], g);
+  unpack8(gate_up[t * 2 * nvec + nvec + i], u);
+#pragma unroll
+  for (int k = 0; k < 8; ++k) {
+    const float silu = __bfloat162float(__float2bfloat16_rn(g[k] / (1.0f + expf(-g[k]))));
+    g[k] = silu * u[k];
+  }
+  out[j] = pack8(g);
+}
+
+cudaError_t launch_silu_mul(const uint4* gate_up, uint4* out, int tokens, int nvec, cudaStream_t stream) {
+  if (tokens < 1 || nvec < 1) return cudaErrorInvalidValue;
+  const size_t n = static_cast<size_t>(tokens) * nvec;
+  silu_mul_kernel<<<static_cast<unsigned>((n + 255) / 256), 256, 0, stream>>>(gate_up, out, tokens, nvec);
+  return cudaSuccess;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Decode attention: the newest token of each sequence (one query) against all of its keys, which
+// lie in one contiguous range of cache rows. A step reads every live key and value once, so the
+// kernel is memory bound and is built to stream: CTA (slice, kv head h, sequence b) takes one slice
+// of b's keys for all G = nh / nkv query heads that share h, so each key and value is read once
+// for the G heads (GQA). A sequence's keys are cut into slices by its own length alone (at least
+// 256 keys a slice, at most 16 slices), never by the batch: a sequence's output does not depend on
+// what else is in the step, so graph replays, eager steps and any batch give the same bits.
+// Tiles of 64 keys stream through shared memory (cp.async, 2 or 4 tiles in flight);
+// each of the 4 warps takes 16 keys of a tile on the tensor cores (mma m16n8k16, bf16 in, fp32
+// accumulate): S = Q K^T with the G heads as rows 0..G-1 of the 16-row A operand (the others
+// zero), an online softmax in registers, then O += P V with S's accumulators reused as P's A
+// operand (FlashAttention-2's layout trick). The warps merge their (max, sum, O) in shared memory.
+// A sequence of one slice writes its output there; otherwise each CTA writes its slice's normalized
+// O and log-sum-exp in fp32, and decode_combine_kernel merges the slices in slice order.
+// Numerics as FlashAttention-2: fp32 scores, P rounded to bf16 for the PV product, its row sum in
+// fp32.
+
+namespace attn {
+constexpr int HD = 128;                    // head dim (Llama, Qwen2.5, Mixtral)
+constexpr int TILE = 64;                   // keys per stage
+constexpr int WARPS = 4, THREADS = 32 * WARPS;
+constexpr int MAX_G = 8;                   // query heads per kv head: rows 0..7 of the mma's A
+constexpr int ROW = HD + 8;                // a key's smem row in bf16: 272 bytes, so that the 8
+                                           // rows one ldmatrix phase reads fall in distinct banks
+constexpr int STAGE = 2 * TILE * ROW;      // K then V tile, bf16 elements
+// Tiles in flight: 2 where several CTAs share an SM (34 KB a stage, 3 CTAs an SM); 4 where the
+// grid is one CTA an SM or less (small batches), so that one CTA keeps enough bytes in flight.
+// Only the loads' timing depends on it, never the arithmetic: the bits are the same.
+constexpr int smem_bytes(int stages) { return stages * STAGE * 2; }
+constexpr int SLICE_KEYS = 256;           // a slice has at least this many keys ...
+constexpr int MAX_SLICES = 16;             // ... and a sequence at most this many slices
+static_assert(HD == THREADS, "the merge gives each thread one dimension");
+}  // namespace attn
+
+struct DecodeParams {
+  const __nv_bfloat16* q;          // [B, nh, hd], rows q_stride elements apart (a view of qkv)
+  const __nv_bfloat16* k_cache;    // [rows, nkv, hd]
+  const __nv_bfloat16* v_cache;
+  const int* kv_starts;            // [B]: the cache row of each sequence's position 0
+  const int* kv_lens;              // [B]: keys each query sees (its own included), >= 1
+  __nv_bfloat16* out;              // [B, nh, hd]
+  float* part_o;                   // [slices, B, nh, hd] (slices > 1)
+  float* part_lse;                 // [slices, B, nh], log2 units
+  int batch, nh, nkv, q_stride;
+  int slices;                      // grid.x: the most slices any sequence of the batch may have
+  float scale_log2;                // softmax scale * log2(e): the softmax runs on exp2
+};
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16 bytes global -> shared, bypassing L1; zero-filled when !valid (src must still be mapped).
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_addr(dst)), "l"(src),
+               "r"(valid ? 16 : 0) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
+
+// Four 8x8 bf16 matrices; lane l gives the address of row l % 8 of matrix l / 8. Plain: lane l
+// gets (row l/4, columns 2(l%4), 2(l%4)+1) of each; .trans: (rows 2(l%4), 2(l%4)+1, column l/4).
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(p)));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(p)));
+}
+
+// d (16x8 fp32) += a (16x16 bf16) b (16x8 bf16). Lane l = 4 g + t holds a's (row g, k 2t..2t+1)
+// in a0 and (row g, k 2t+8..2t+9) in a2; rows 8..15 (a1, a3) are zero here. b0: (k 2t..2t+1,
+// column g), b1: (k 2t+8..2t+9, column g). d0, d1: (row g, columns 2t, 2t+1); d2, d3 stay zero.
+__device__ __forceinline__ void mma_rows8(float (&d)[4], uint32_t a0, uint32_t a2, uint32_t b0, uint32_t b1) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+               "{%8,%9}, {%0,%1,%2,%3};"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+               : "r"(a0), "r"(0u), "r"(a2), "r"(0u), "r"(b0), "r"(b1));
+}
+
+// Slices of a sequence of len keys (>= 1): a function of len only (see above).
+__host__ __device__ constexpr int slices_for(int len) {
+  return len <= attn::SLICE_KEYS ? 1
+         : (len + attn::SLICE_KEYS - 1) / attn::SLICE_KEYS < attn::MAX_SLICES ? (len + attn::SLICE_KEYS - 1) / attn::SLICE_KEYS
+                                                                             : attn::MAX_SLICES;
+}
+
+template <int G, int STAGES>
+__global__ void __launch_bounds__(attn::THREADS) decode_attention_kernel(const DecodeParams p) {
+  using namespace attn;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  __nv_bfloat16* smem = reinterpret_cast<__nv_bfloat16*>(smem_raw);
+  const int split = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
+  // This CTA's keys [begin, end): slice `split` of the sequence's keys, in whole tiles.
+  const int len = p.kv_lens[b], slices = slices_for(len);
+  if (split >= slices) return;
+  const int chunk = ((len + slices - 1) / slices + TILE - 1) / TILE * TILE;
+  const int begin = split * chunk, end = min(len, begin + chunk);
+  const int tiles = (end - begin + TILE - 1) / TILE;
+  const size_t key_stride = static_cast<size_t>(p.nkv) * HD;
+  const size_t head0 = (static_cast<size_t>(p.kv_starts[b]) * p.nkv + h) * HD;
+
+  auto load_tile = [&](int tile, int stage) {
+    __nv_bfloat16* ks = smem + stage * STAGE;
+    for (int c = threadIdx.x; c < TILE * HD / 8; c += THREADS) {
+      const int r = c / (HD / 8), col = c % (HD / 8) * 8, key = begin + tile * TILE + r;
+      const size_t at = head0 + static_cast<size_t>(key < end ? key : begin) * key_stride + col;
+      cp_async16(ks + r * ROW + col, p.k_cache + at, key < end);
+      cp_async16(ks + (TILE + r) * ROW + col, p.v_cache + at, key < end);
+    }
+  };
+  // One commit group per tile, empty past the last, so that waiting for all but STAGES - 2 groups
+  // always means the current tile has landed.
+#pragma unroll
+  for (int t = 0; t < STAGES - 1; ++t) {
+    if (t < tiles) load_tile(t, t);
+    cp_async_commit();
+  }
+
+  // q's A fragments for the whole head dim: 8 k-steps of 16, rows g < G are the G query heads.
+  uint32_t qa[HD / 16][2];
+  const uint32_t* qrow = reinterpret_cast<const uint32_t*>(
+      p.q + static_cast<size_t>(b) * p.q_stride + static_cast<size_t>(h * G + (g < G ? g : 0)) * HD);
+#pragma unroll
+  for (int kk = 0; kk < HD / 16; ++kk) {
+    qa[kk][0] = g < G ? qrow[kk * 8 + t4] : 0u;
+    qa[kk][1] = g < G ? qrow[kk * 8 + t4 + 4] : 0u;
+  }
+
+  float o[HD / 8][4] = {};        // row g of O: columns 8n + 2t, 8n + 2t + 1 in o[n][0..1]
+  float m = -INFINITY, l = 0.f;   // running max (log2 units) and this lane's part of the row sum
+  for (int tile = 0; tile < tiles; ++tile) {
+    cp_async_wait<STAGES - 2>();
+    __syncthreads();             // this tile has landed, and every warp is done with the previous one,
+    if (tile + STAGES - 1 < tiles)   // whose stage the load below refills
+      load_tile(tile + STAGES - 1, (tile + STAGES - 1) % STAGES);
+    cp_async_commit();
+    const __nv_bfloat16* ks = smem + (tile % STAGES) * STAGE + warp * 16 * ROW;   // this warp's 16 keys
+    const __nv_bfloat16* vs = ks + TILE * ROW;
+    float s[2][4] = {};          // S for keys 0..7 and 8..15 of the warp's 16
+#pragma unroll
+    for (int kk = 0; kk < HD / 16; ++kk) {
+      uint32_t kb[4];            // matrices: keys 0-7 | dims 0-7, 8-15; keys 8-15 | dims 0-7, 8-15
+      ldmatrix_x4(kb, ks + ((lane / 16) * 8 + lane % 8) * ROW + kk * 16 + (lane / 8) % 2 * 8);
+      mma_rows8(s[0], qa[kk][0], qa[kk][1], kb[0], kb[1]);
+      mma_rows8(s[1], qa[kk][0], qa[kk][1], kb[2], kb[3]);
+    }
+    const int key0 = begin + tile * TILE + warp * 16 + 2 * t4;
+    float mx = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        s[j][e] = key0 + 8 * j + e < end ? s[j][e] * p.scale_log2 : -INFINITY;
+        mx = fmaxf(mx, s[j][e]);
+      }
+    // The 4 lanes of row g hold its 16 scores.
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float m_new = fmaxf(m, mx);
+    const float base = m_new == -INFINITY ? 0.f : m_new;   // all masked so far: keep exp2 finite
+    const float alpha = exp2f(m - base);
+    float pr[2][2];
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) pr[j][e] = exp2f(s[j][e] - base);
+    l = l * alpha + (pr[0][0] + pr[0][1] + pr[1][0] + pr[1][1]);
+    m = m_new;
+#pragma unroll
+    for (int n = 0; n < HD / 8; ++n) {
+      o[n][0] *= alpha;
+      o[n][1] *= alpha;
+    }
+    const uint32_t pa0 = pack_bf16x2(pr[0][0], pr[0][1]), pa2 = pack_bf16x2(pr[1][0], pr[1][1]);
+#pragma unroll
+    for (int nd = 0; nd < HD / 16; ++nd) {
+      uint32_t vb[4];            // matrices: keys 0-7, 8-15 | dims 0-7; keys 0-7, 8-15 | dims 8-15
+      ldmatrix_x4_trans(vb, vs + ((lane / 8) % 2 * 8 + lane % 8) * ROW + nd * 16 + (lane / 16) * 8);
+      mma_rows8(o[2 * nd], pa0, pa2, vb[0], vb[1]);
+      mma_rows8(o[2 * nd + 1], pa0, pa2, vb[2], vb[3]);
+    }
+  }
+  cp_async_wait<0>();            // only empty groups are left; then the tiles' memory is free
+  __syncthreads();
+
+  // Merge the 4 warps (shared memory is free now): thread d owns dimension d of every head.
+  l += __shfl_xor_sync(0xffffffffu, l, 1);
+  l += __shfl_xor_sync(0xffffffffu, l, 2);
+  float* red_o = reinterpret_cast<float*>(smem_raw);       // [WARPS][MAX_G][HD]
+  float* red_m = red_o + WARPS * MAX_G * HD;               // [WARPS][MAX_G]
+  float* red_l = red_m + WARPS * MAX_G;
+  if (g < G) {
+#pragma unroll
+    for (int n = 0; n < HD / 8; ++n) {
+      red_o[(warp * MAX_G + g) * HD + 8 * n + 2 * t4] = o[n][0];
+      red_o[(warp * MAX_G + g) * HD + 8 * n + 2 * t4 + 1] = o[n][1];
+    }
+    if (t4 == 0) {
+      red_m[warp * MAX_G + g] = m;
+      red_l[warp * MAX_G + g] = l;
+    }
+  }
+  __syncthreads();
+  const int d = threadIdx.x;
+  const size_t slice_rows = static_cast<size_t>(p.batch) * p.nh;   // rows of one slice in part_o
+#pragma unroll
+  for (int gg = 0; gg < G; ++gg) {
+    float M = -INFINITY, L = 0.f, O = 0.f;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) M = fmaxf(M, red_m[w * MAX_G + gg]);
+    if (M != -INFINITY) {
+#pragma unroll
+      for (int w = 0; w < WARPS; ++w) {
+        const float c = exp2f(red_m[w * MAX_G + gg] - M);
+        L += red_l[w * MAX_G + gg] * c;
+        O += red_o[(w * MAX_G + gg) * HD + d] * c;
+      }
+    }
+    const size_t row = static_cast<size_t>(b) * p.nh + h * G + gg;
+    const float val = L > 0.f ? O / L : 0.f;
+    if (slices == 1) {
+      p.out[row * HD + d] = __float2bfloat16_rn(val);
+    } else {
+      p.part_o[(split * slice_rows + row) * HD + d] = val;
+      if (d == 0) p.part_lse[split * slice_rows + row] = L > 0.f ? M + log2f(L) : -INFINITY;
+    }
+  }
+}
+
+// One CTA per (sequence, query head), thread d: the slices weighted by their share of the softmax
+// sum, exp2(lse_s - max lse), in slice order. An empty slice (the last ones of a sequence whose
+// slices round up to whole tiles) holds O = 0 and lse = -inf: weight 0, no branch, so every load
+// of a thread is in flight at once. A kernel of its own: merging in the last CTA of each sequence
+// (a counter, a fence) cost more than this launch, at batch 1 and at batch 128 (H200).
+__global__ void __launch_bounds__(attn::HD) decode_combine_kernel(const DecodeParams p) {
+  using namespace attn;
+  const size_t row = blockIdx.x, slice_rows = static_cast<size_t>(p.batch) * p.nh;
+  const int slices = slices_for(p.kv_lens[row / p.nh]);
+  if (slices == 1) return;   // written by the attention kernel itself
+  float o[MAX_SLICES], lse[MAX_SLICES];
+#pragma unroll
+  for (int s = 0; s < MAX_SLICES; ++s) {
+    o[s] = s < slices ? p.part_o[(s * slice_rows + row) * HD + threadIdx.x] : 0.f;
+    lse[s] = s < slices ? p.part_lse[s * slice_rows + row] : -INFINITY;
+  }
+  float M = lse[0], L = 0.f, O = 0.f;   // slice 0 is never empty
+#pragma unroll
+  for (int s = 1; s < MAX_SLICES; ++s) M = fmaxf(M, lse[s]);
+#pragma unroll
+  for (int s = 0; s < MAX_SLICES; ++s) {
+    const float c = exp2f(lse[s] - M);
+    L += c;
+    O += c * o[s];
+  }
+  p.out[row * HD + threadIdx.x] = __float2bfloat16_rn(O / L);
+}
+
+template <int STAGES, typename F>
+void with_decode_kernel(int group, F&& f) {
+  switch (group) {
+    case 1: f(decode_attention_kernel<1, STAGES>); break;
+    case 2: f(decode_attention_kernel<2, STAGES>); break;
+    case 3: f(decode_attention_kernel<3, STAGES>); break;
+    case 4: f(decode_attention_kernel<4, STAGES>); break;
+    case 5: f(decode_attention_kernel<5, STAGES>); break;
+    case 6: f(decode_attention_kernel<6, STAGES>); break;
+    case 7: f(decode_attention_kernel<7, STAGES>); break;
+    default: f(decode_attention_kernel<8, STAGES>); break;
+  }
+}
+
+cudaError_t launch_decode_attention(const DecodeParams& p, cudaStream_t stream) {
+  const int group = p.nkv > 0 ? p.nh / p.nkv : 0;
+  if (p.batch < 1 || p.nkv < 1 || p.nh % p.nkv || group < 1 || group > attn::MAX_G || p.slices < 1 ||
+      p.slices > attn::MAX_SLICES)
+    return cudaErrorInvalidValue;
+  // More than 48 KB of dynamic shared memory needs an opt-in, once per kernel instance; the SM count
+  // picks the stages (attn::smem_bytes).
+  static int sms = 0;
+  static const cudaError_t ready = [] {
+    int device = 0;
+    cudaError_t e = cudaGetDevice(&device);
+    if (e == cudaSuccess) e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+    for (int g = 1; g <= attn::MAX_G; ++g) {
+      with_decode_kernel<2>(g, [&](auto kernel) {
+        if (e == cudaSuccess) e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, attn::smem_bytes(2));
+      });
+      with_decode_kernel<4>(g, [&](auto kernel) {
+        if (e == cudaSuccess) e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, attn::smem_bytes(4));
+      });
+    }
+    return e;
+  }();
+  if (ready != cudaSuccess) return ready;
+  const dim3 grid(p.slices, p.nkv, p.batch);
+  if (static_cast<long long>(p.slices) * p.nkv * p.batch <= sms)
+    with_decode_kernel<4>(group, [&](auto k) { k<<<grid, attn::THREADS, attn::smem_bytes(4), stream>>>(p); });
+  else
+    with_decode_kernel<2>(group, [&](auto k) { k<<<grid, attn::THREADS, attn::smem_bytes(2), stream>>>(p); });
+  if (p.slices > 1) decode_combine_kernel<<<p.batch * p.nh, attn::HD, 0, stream>>>(p);
   return cudaSuccess;
 }
 
@@ -609,6 +960,39 @@ std::string rope_kv_cache(at::Tensor qkv, at::Tensor rope, at::Tensor positions,
   return cuda_error("rope_kv_cache", tw::launch_rope_kv_cache(p, c10::cuda::getCurrentCUDAStream()));
 }
 
+std::string decode_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, at::Tensor kv_starts,
+                             at::Tensor kv_lens, at::Tensor out, at::Tensor part_o, at::Tensor part_lse,
+                             int64_t max_k, double scale) {
+  if (q.size(0) == 0) return "";
+  tw::DecodeParams p{};
+  p.q = static_cast<const __nv_bfloat16*>(q.data_ptr());
+  p.k_cache = static_cast<const __nv_bfloat16*>(k_cache.data_ptr());
+  p.v_cache = static_cast<const __nv_bfloat16*>(v_cache.data_ptr());
+  p.kv_starts = static_cast<const int*>(kv_starts.data_ptr());
+  p.kv_lens = static_cast<const int*>(kv_lens.data_ptr());
+  p.out = static_cast<__nv_bfloat16*>(out.data_ptr());
+  p.part_o = static_cast<float*>(part_o.data_ptr());
+  p.part_lse = static_cast<float*>(part_lse.data_ptr());
+  p.batch = static_cast<int>(q.size(0));
+  p.nh = static_cast<int>(q.size(1));
+  p.nkv = static_cast<int>(k_cache.size(1));
+  p.q_stride = static_cast<int>(q.stride(0));
+  p.slices = tw::slices_for(static_cast<int>(max_k));
+  p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
+  const c10::cuda::CUDAGuard guard(q.device());
+  return cuda_error("decode_attention", tw::launch_decode_attention(p, c10::cuda::getCurrentCUDAStream()));
+}
+
+std::string silu_mul(at::Tensor gate_up, at::Tensor out) {
+  if (out.numel() == 0) return "";
+  const c10::cuda::CUDAGuard guard(gate_up.device());
+  return cuda_error("silu_mul", tw::launch_silu_mul(static_cast<const uint4*>(gate_up.data_ptr()),
+                                                    static_cast<uint4*>(out.data_ptr()),
+                                                    static_cast<int>(out.size(0)),
+                                                    static_cast<int>(out.size(1) / 8),
+                                                    c10::cuda::getCurrentCUDAStream()));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -632,13 +1016,28 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "[max_len, 2, hd] holds cos and sin by position; positions and kv_rows int32 [T]",
         py::arg("qkv"), py::arg("rope"), py::arg("positions"), py::arg("kv_rows"), py::arg("k_cache"),
         py::arg("v_cache"));
+  m.def("decode_attention", &decode_attention,
+        "out [B, nh, hd] <- attention of q [B, nh, hd] (rows may be strided) over keys "
+        "kv_starts[b] .. kv_starts[b] + kv_lens[b] - 1 of k_cache and v_cache [rows, nkv, hd]; "
+        "kv_starts, kv_lens int32 [B], every kv_lens[b] in [1, max_k]; part_o fp32 "
+        "[decode_slices(max_k), B, nh, hd] and part_lse [decode_slices(max_k), B, nh] hold the slices "
+        "(unused when decode_slices(max_k) is 1). hd 128, nh / nkv <= 8",
+        py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("kv_starts"), py::arg("kv_lens"),
+        py::arg("out"), py::arg("part_o"), py::arg("part_lse"), py::arg("max_k"), py::arg("scale"));
+  m.def("decode_slices", [](int64_t max_k) { return tw::slices_for(static_cast<int>(max_k)); },
+        "The most key slices decode_attention cuts a sequence of up to max_k keys into",
+        py::arg("max_k"));
+  m.def("silu_mul", &silu_mul,
+        "out [T, I] <- bf16(bf16(silu(gate)) * up) for gate_up [T, 2I] = [gate | up]; I % 8 == 0",
+        py::arg("gate_up"), py::arg("out"));
   m.def("resident_ctas", [](int64_t hidden, int64_t world) {
     return tw::resident_ctas(static_cast<int>(hidden / 8), static_cast<int>(world));
   }, "CTAs of the p2p fused kernel (this hidden and world size) the current GPU holds at once",
         py::arg("hidden"), py::arg("world"));
   m.def("limits", [] {
     return std::map<std::string, int>{{"max_ctas", tw::MAX_CTAS}, {"max_peers", tw::MAX_PEERS},
-                                      {"max_hidden", tw::MAX_HIDDEN}};
+                                      {"max_hidden", tw::MAX_HIDDEN}, {"decode_head_dim", tw::attn::HD},
+                                      {"decode_max_group", tw::attn::MAX_G}};
   }, "The kernels' limits, which build_ext.py checks arguments against");
 }
 #endif  // TW_NO_TORCH

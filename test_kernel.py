@@ -1,7 +1,8 @@
 """GPU tests of multimem_ops.cu: the fused AllReduce + residual add + RMSNorm (p2p transport) on 2
 and 4 GPUs, driven through comm.FusedComm as the model drives it and checked against NCCL's sum and
 comm.add_rmsnorm_ (the reference op); on one GPU, the same kernel's protocol with 2, 4 and 8
-virtual ranks (comm.VirtualRanks), the local fused add + RMSNorm and the RoPE + KV-cache kernel.
+virtual ranks (comm.VirtualRanks), the local fused add + RMSNorm, the RoPE + KV-cache kernel, the
+decode attention and SwiGLU's activation.
 
 Skipped, with the reason, without a Hopper GPU, nvcc, or enough GPUs. Multi-GPU tests spawn one
 process per GPU (conftest.run_tp); a failure on any rank fails the test with that rank's traceback.
@@ -357,3 +358,85 @@ def test_rope_kv_cache(T, nh, nkv, hd):
     assert torch.equal(qkv[:, nh * hd:], rest), "k and v in qkv must stay as they were"
     with pytest.raises(RuntimeError, match="positions must be a contiguous torch.int32"):
         ops.rope_kv_cache(qkv, rope, positions.long(), kv_rows, k_cache, v_cache)
+
+
+def decode_reference(q, k_cache, v_cache, starts, lens):
+    """(B, nh, hd) fp32: each query against its own range of the cache, GQA, in fp32."""
+    B, nh, hd = q.shape
+    G = nh // k_cache.shape[1]
+    out = torch.empty(B, nh, hd, device=q.device)
+    for b, (s, n) in enumerate(zip(starts.tolist(), lens.tolist())):
+        K, V = (c[s:s + n].float().repeat_interleave(G, dim=1) for c in (k_cache, v_cache))  # (n, nh, hd)
+        p = torch.softmax(torch.einsum("hd,nhd->hn", q[b].float(), K) * hd ** -0.5, dim=-1)
+        out[b] = torch.einsum("hn,nhd->hd", p, V)
+    return out
+
+
+# (nh, nkv): Llama-3.1-8B at TP 1, 2, 4 (the shards), 70B and Qwen2.5-72B at TP 8, Mixtral's 6 heads
+# a group, one head a group, odd counts.
+@pytest.mark.parametrize("nh,nkv", [(32, 8), (16, 4), (8, 2), (8, 1), (6, 1), (7, 7), (15, 5)])
+def test_decode_attention(nh, nkv):
+    """The split-KV decode kernel against fp32 attention: lengths from 1 key to past 16 slices,
+    ranges anywhere in the cache and in any order, q a strided view of qkv, with max_k from the
+    longest length to far beyond it (more slices in the grid than a sequence has). Within bf16
+    rounding, and no worse than FlashAttention-2's variable-length kernel on the same inputs.
+    A sequence's output is bitwise the same whatever max_k and the rest of the batch are."""
+    ops = build_ext.load()
+    hd = 128
+    g = torch.Generator("cuda").manual_seed(nh * 10 + nkv)
+    lens = [1, 2, 63, 64, 65, 255, 256, 257, 1000, 4097, 333]
+    order = torch.randperm(len(lens), generator=g, device="cuda").tolist()
+    starts, row = [0] * len(lens), 5
+    for i in order:                      # ranges in a shuffled order with gaps between them
+        starts[i], row = row, row + lens[i] + 3
+    k_cache, v_cache = (torch.randn(row + 7, nkv, hd, generator=g, device="cuda").bfloat16() for _ in range(2))
+    B = len(lens)
+    qkv = torch.randn(B, (nh + 2 * nkv) * hd, generator=g, device="cuda").bfloat16()
+    q = qkv[:, :nh * hd].view(B, nh, hd)
+    starts_t, lens_t = (torch.tensor(x, dtype=torch.int32, device="cuda") for x in (starts, lens))
+    want = decode_reference(q, k_cache, v_cache, starts_t, lens_t)
+    cu_k = torch.tensor(starts + [row], dtype=torch.int32, device="cuda")
+    flash = torch.ops.aten._flash_attention_forward(
+        q, k_cache, v_cache, torch.arange(B + 1, dtype=torch.int32, device="cuda"), cu_k, 1, max(lens), 0.0, True,
+        False, seqused_k=lens_t)[0].float()
+
+    def run(q, starts_t, lens_t, max_k):
+        slices = ops.decode_slices(max_k)
+        out = torch.full(q.shape, float("nan"), device="cuda").bfloat16()
+        part_o = torch.full((slices, q.shape[0], nh, hd) if slices > 1 else (0, 0, 0, hd), float("nan"), device="cuda")
+        part_lse = torch.full(part_o.shape[:3], float("nan"), device="cuda")
+        ops.decode_attention(q, k_cache, v_cache, starts_t, lens_t, out, part_o, part_lse, max_k, hd ** -0.5)
+        return out
+
+    runs = {max_k: run(q, starts_t, lens_t, max_k) for max_k in (max(lens), 8192, 131072)}
+    for max_k, out in runs.items():
+        for b in range(B):
+            err = ((out[b].float() - want[b]).norm() / want[b].norm()).item()
+            flash_err = ((flash[b] - want[b]).norm() / want[b].norm()).item()
+            assert err < 1e-2 and err <= 1.5 * flash_err + 1e-3, (max_k, lens[b], err, flash_err)
+        assert torch.equal(out, runs[max(lens)]), f"max_k {max_k} changed the bits"
+    for b in (3, 9):   # alone, the grid fits the SMs and the kernel keeps 4 tiles in flight, not 2
+        alone = run(q[b:b + 1], starts_t[b:b + 1], lens_t[b:b + 1], lens[b])
+        assert torch.equal(alone, runs[max(lens)][b:b + 1]), f"sequence {b} alone differs from the same in a batch"
+    with pytest.raises(RuntimeError, match="kv_lens must be in"):
+        run(q, starts_t, lens_t, 100)
+    if (nh, nkv) != (8, 1):
+        return
+    wide = torch.zeros(1, 9 * nkv, hd, device="cuda").bfloat16()
+    with pytest.raises(RuntimeError, match="at most 8 query heads"):
+        ops.decode_attention(wide, k_cache, v_cache, starts_t[:1], lens_t[:1], wide.clone(), wide.float(), wide.float(),
+                             8, 1.0)
+
+
+@pytest.mark.parametrize("T,I", [(1, 14336), (7, 3584), (128, 1792), (1000, 8)])
+def test_silu_mul(T, I):
+    """SwiGLU's activation kernel against torch's F.silu(gate) * up in bf16, bit for bit."""
+    ops = build_ext.load()
+    g = torch.Generator("cuda").manual_seed(T + I)
+    gate_up = (3 * torch.randn(T, 2 * I, generator=g, device="cuda")).bfloat16()
+    gate, up = gate_up.chunk(2, dim=-1)
+    out = torch.empty(T, I, dtype=BF16, device="cuda")
+    ops.silu_mul(gate_up, out)
+    assert torch.equal(out, torch.nn.functional.silu(gate) * up)
+    with pytest.raises(RuntimeError, match="I % 8 == 0"):
+        ops.silu_mul(gate_up[:, :12].contiguous(), out[:, :6].contiguous())
