@@ -17,14 +17,16 @@ import bisect
 import collections
 import dataclasses
 import gc
+import math
 import os
 import time
+import typing
 
 import torch
 import torch.distributed as dist
 
 import models
-from batch import Batch, Span
+from batch import Batch, Span, staged
 from comm import UserError, broadcast_from_rank0, check_comm, init_distributed, make_comm
 from weave import Tuning, Weaver, tuning_path
 
@@ -38,7 +40,12 @@ class Sequence:
     text: str | None = None  # out decoded (LLM.generate, with a tokenizer)
     error: str | None = None
     row: int = -1            # first row of its cache range
-    cached: int = 0          # tokens whose K/V are in the cache
+    # Counted when a step is scheduled, so that the next step can be scheduled (and launched) while
+    # this one runs: the tokens whose K/V are in the cache once the scheduled steps ran, and the
+    # tokens those steps sample (out holds the ones that arrived).
+    cached: int = 0
+    sampled: int = 0
+    done: bool = False
     t_admit: float = 0.0     # when its first chunk ran, its first token came, it finished
     t_first: float = 0.0
     t_done: float = 0.0
@@ -47,11 +54,16 @@ class Sequence:
     def need(self) -> int:
         return cache_need(len(self.prompt), self.max_new)
 
-    def next_tokens(self, n: int) -> list:
-        """The n tokens after the cached ones: a prompt chunk, or the last sampled token."""
-        if self.cached < len(self.prompt):
-            return self.prompt[self.cached:self.cached + n]
-        return self.out[self.cached - len(self.prompt):][:n]
+
+class Work(typing.NamedTuple):
+    """A sequence's part of a step: n tokens from position start."""
+    seq: Sequence
+    n: int
+    start: int
+
+    @property
+    def samples(self) -> bool:   # the step samples a token for it: a decode token, or its prompt's last chunk
+        return self.start + self.n >= len(self.seq.prompt)
 
 
 def cache_need(prompt: int, max_new: int) -> int:
@@ -119,14 +131,16 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> list:
-        """[(sequence, number of tokens)] for the next step, decode tokens first."""
-        step = [(s, 1) for s in self.running if s.cached >= len(s.prompt)]
+        """[Work] of the next step, decode tokens first, counted as done (cached, sampled): the
+        step after it can be scheduled before its tokens arrive. A sequence that has all its tokens
+        scheduled gets no more; one that stops at EOS may get one more step, whose token is dropped."""
+        step = [Work(s, 1, s.cached) for s in self.running
+                if s.cached >= len(s.prompt) and s.sampled < s.max_new and not s.done]
         left = self.budget - len(step)
         for s in self.running:
             if s.cached < len(s.prompt) and left > 0:
-                n = min(len(s.prompt) - s.cached, left)
-                step.append((s, n))
-                left -= n
+                step.append(Work(s, min(len(s.prompt) - s.cached, left), s.cached))
+                left -= step[-1].n
         while self.waiting and left > 0 and len(self.running) < self.max_seqs:
             s = self.waiting[0]
             if (row := self.cache.alloc(s.need)) is None:
@@ -134,24 +148,27 @@ class Scheduler:
             self.waiting.popleft()
             s.row = row
             self.running.append(s)
-            n = min(len(s.prompt), left)
-            step.append((s, n))
-            left -= n
+            step.append(Work(s, min(len(s.prompt), left), 0))
+            left -= step[-1].n
+        for w in step:
+            w.seq.cached += w.n
+            w.seq.sampled += w.samples
         return step
 
     def postprocess(self, step: list, tokens: list, eos: set, now: float):
         """After a step: the new tokens [(sequence, token)] and the sequences that finished (their
-        ranges freed). A chunk that does not end its prompt samples nothing."""
+        ranges freed: a step still in flight may write there, but any later use of them is
+        enqueued after it). A chunk that does not end its prompt samples nothing."""
         new, done = [], []
-        for (s, n), t in zip(step, tokens):
-            s.cached += n
-            if s.cached < len(s.prompt):
+        for w, t in zip(step, tokens):
+            s = w.seq
+            if not w.samples or s.done:
                 continue
             s.out.append(t)
             s.t_first = s.t_first or now
             new.append((s, t))
             if t in eos or len(s.out) == s.max_new:
-                s.t_done = now
+                s.t_done, s.done = now, True
                 self.running.remove(s)
                 self.cache.release(s.row, s.need)
                 done.append(s)
@@ -178,7 +195,7 @@ def sample(logits, s: Sampling, seq_ids, positions):
     depend on what runs beside it; top-p keeps the most likely tokens up to that mass (and always
     the first)."""
     if s.greedy:
-        return logits.argmax(-1)
+        return argmax(logits)
     x = logits.float()
     p = torch.softmax((x - x.amax(-1, keepdim=True)) / s.temperature, dim=-1)   # no overflow at tiny T
     idx = None
@@ -193,6 +210,19 @@ def sample(logits, s: Sampling, seq_ids, positions):
                       torch.nextafter(total, torch.zeros_like(total)))         # in [0, total)
     choice = torch.searchsorted(c, u, right=True)[:, 0]                       # first c > u: p > 0 there
     return choice if idx is None else idx.gather(-1, choice[:, None])[:, 0]
+
+
+def argmax(logits):
+    """(B, V) -> (B,) the first index of each row's maximum, as logits.argmax(-1) gives it, in two
+    passes: torch's reduction of a few long rows runs on a few SMs (37 us for one row of 128K logits
+    on an H200, 1% of a decode step); by k chunks (k up to 256 dividing V) it fills the GPU."""
+    B, V = logits.shape
+    k = math.gcd(V, 256)
+    if k < 16:
+        return logits.argmax(-1)
+    best, at = logits.view(B, k, V // k).max(-1)                 # (B, k) each chunk's max, first index
+    chunk = best.argmax(-1, keepdim=True)                          # (B, 1) the first chunk holding the max
+    return (chunk * (V // k) + at.gather(-1, chunk))[:, 0]
 
 
 def uniform(seed: int, seq_ids, positions):
@@ -255,18 +285,28 @@ class Runner:
             self.graphs[bs] = graph, data, batch, logits
 
     @torch.no_grad()
-    def step(self, spans: list, tokens: list, seq_ids: list, sampling: Sampling) -> torch.Tensor:
-        """Spans and their tokens -> (len(spans),) next tokens on the device (rank 0's, on every rank)."""
+    def step(self, spans: list, tokens: list, seq_ids: list, sampling: Sampling, carry=None) -> torch.Tensor:
+        """Spans and their tokens -> (len(spans),) next tokens on the device (rank 0's, on every rank).
+        carry = (prev, [(i, j)]): token i of this step is prev[j], the output of the step before,
+        still on the device (its host value is a placeholder)."""
         B = len(spans)
         bucket = min((b for b in self.graphs if b >= B), default=None) if all(s.n == 1 for s in spans) else None
         if bucket is None:
             batch = self.weaver.batch(spans, tokens, seq_ids)
-            logits = self.weaver(batch)
+            data = batch.tokens
         else:
             graph, data, batch, logits = self.graphs[bucket]
             pad = bucket - B
-            data.copy_(Batch.layout(spans + [Span(self.scratch, 0, 1)] * pad, tokens + [0] * pad, seq_ids + [0] * pad,
-                                    self.weaver.split_point(bucket)), non_blocking=True)
+            data.copy_(staged(Batch.layout(spans + [Span(self.scratch, 0, 1)] * pad, tokens + [0] * pad,
+                                           seq_ids + [0] * pad, self.weaver.split_point(bucket)), self.d.device),
+                       non_blocking=True)
+        if carry:                     # the step's first T entries are its tokens (batch.py)
+            prev, pairs = carry
+            at = staged(torch.tensor(pairs, dtype=torch.long), self.d.device).to(self.d.device, non_blocking=True)   # (m, 2)
+            data[at[:, 0]] = prev[at[:, 1]].to(data.dtype)
+        if bucket is None:
+            logits = self.weaver(batch)
+        else:
             graph.replay()
         nxt = sample(logits[:B], sampling, batch.seq_ids[:B], batch.next_pos[:B])
         return broadcast_from_rank0(nxt, self.d)
@@ -363,7 +403,10 @@ class Engine:
     def generate(self, prompts, max_new: int, eos=(), sampling: Sampling = Sampling(), on_token=None, on_step=None):
         """Yields each prompt's Sequence as it finishes (or fails its check), with .out and timings.
         prompts: token id lists; on_token(seq, token) is called for every new token, on_step(step,
-        seconds) after every step ([(sequence, tokens)], its time from scheduling to its tokens)."""
+        seconds) after every step ([Work], the time since the previous step's tokens came).
+        The host schedules and launches step k+1 before it waits for step k's tokens: decode tokens
+        that k samples go from k's output to k+1's input on the device, so the GPU does not wait
+        for Python between steps."""
         self.prepare(prompts, max_new)
         seqs = [Sequence(i, list(p), max_new) for i, p in enumerate(prompts)]
         sched, eos = Scheduler(self.max_seqs, self.budget, KVCache(self.rows)), set(eos)
@@ -373,26 +416,68 @@ class Engine:
                 yield s
             else:
                 sched.add(s)
-        while sched:
-            step = sched.schedule()
-            start = time.perf_counter()
-            for s, _ in step:
-                s.t_admit = s.t_admit or start
-            spans = [Span(s.row, s.cached, n) for s, n in step]
-            tokens = [t for s, n in step for t in s.next_tokens(n)]
-            nxt = self.runner.step(spans, tokens, [s.index for s, _ in step], sampling).tolist()
-            now = time.perf_counter()
-            if on_step:
-                on_step(step, now - start)
-            new, done = sched.postprocess(step, nxt, eos, now)
-            if on_token:
-                for s, t in new:
-                    on_token(s, t)
-            yield from done
+        flight, last = None, time.perf_counter()      # the step in flight and when the last one's tokens came
+        while sched or flight:
+            step = sched.schedule() if sched else []
+            if not step and flight is None:
+                raise RuntimeError("the scheduler has sequences but nothing to run")
+            launched = self.launch(step, sampling, flight) if step else None
+            if flight is not None:
+                tokens = flight.tokens()
+                now = time.perf_counter()
+                if on_step:
+                    on_step(flight.step, now - last)
+                new, done = sched.postprocess(flight.step, tokens, eos, now)
+                last = now
+                if on_token:
+                    for s, t in new:
+                        on_token(s, t)
+                yield from done
+            flight = launched
+
+    def launch(self, step: list, sampling: Sampling, flight: "Flight | None") -> "Flight":
+        """Enqueues a step; a decode token still on its way from the step in flight is carried over
+        on the device."""
+        now = time.perf_counter()
+        tokens, carry = [], []
+        for w in step:
+            s = w.seq
+            s.t_admit = s.t_admit or now
+            if w.start < len(s.prompt):
+                tokens += s.prompt[w.start:w.start + w.n]
+            elif (j := w.start - len(s.prompt)) < len(s.out):
+                tokens.append(s.out[j])
+            else:                     # sampled by the step in flight
+                carry.append((len(tokens), flight.rows[s]))
+                tokens.append(0)
+        spans = [Span(w.seq.row, w.start, w.n) for w in step]
+        nxt = self.runner.step(spans, tokens, [w.seq.index for w in step], sampling,
+                               (flight.nxt, carry) if carry else None)
+        return Flight(step, nxt)
 
     def close(self):
         self.runner = None
         self.model.allocate_cache(0)
+
+
+class Flight:
+    """A launched step: its work and its sampled tokens (on the device, and on their way to the host)."""
+
+    def __init__(self, step: list, nxt: torch.Tensor):
+        self.step, self.nxt, self.rows = step, nxt, {w.seq: i for i, w in enumerate(step)}
+        self.event = None
+        if nxt.is_cuda:               # copied now, so that the wait below does not queue behind the next step
+            self.host = torch.empty(nxt.shape, dtype=nxt.dtype, pin_memory=True)
+            self.host.copy_(nxt, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = nxt
+
+    def tokens(self) -> list:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host.tolist()
 
 
 def available_host_memory() -> int:

@@ -50,44 +50,56 @@ def test_kv_cache_ranges_never_overlap_and_merge_back():
 # ----------------------------------------------------------------------------- the scheduler alone
 
 
-def drive(prompts, max_seqs, budget, max_new, eos_at=None, rows=10**6):
+def drive(prompts, max_seqs, budget, max_new, eos_at=None, rows=10**6, lag=False):
     """Runs the scheduler with fake steps (no model, the engine's own postprocess); returns every
     step, the finish order and the sequences. eos_at[i]: the number of tokens after which prompt i
-    stops (else max_new); the stand-in for EOS is token 2."""
+    stops (else max_new); the stand-in for EOS is token 2. lag: as the engine runs it, each step is
+    scheduled before the previous one's tokens are processed."""
     sched = engine.Scheduler(max_seqs, budget, engine.KVCache(rows))
     seqs = [engine.Sequence(i, [7] * n, max_new) for i, n in enumerate(prompts)]
     for s in seqs:
         sched.add(s)
-    steps, order = [], []
-    while sched:
-        step = sched.schedule()
-        steps.append([(s.index, s.row, s.cached, n) for s, n in step])
-        assert step and sum(n for _, n in step) <= budget
+    steps, order, flight = [], [], None
+
+    def finish(step):
+        tokens = [2 if len(w.seq.out) + 1 == (eos_at or {}).get(w.seq.index, -1) else 1 for w in step]
+        order.extend(s.index for s in sched.postprocess(step, tokens, {2}, 0.0)[1])
+    while sched or flight:
+        step = sched.schedule() if sched else []
+        steps.append([(w.seq.index, w.seq.row, w.start, w.n) for w in step])
+        assert (step or flight) and sum(w.n for w in step) <= budget
         ranges = sorted((s.row, s.row + s.need) for s in sched.running)
         assert all(a[1] <= b[0] for a, b in zip(ranges, ranges[1:])), "two live sequences share cache rows"
-        assert all(s.next_tokens(n) and len(s.next_tokens(n)) == n for s, n in step)
-        tokens = [2 if len(s.out) + 1 == (eos_at or {}).get(s.index, -1) else 1 for s, _ in step]
-        _, done = sched.postprocess(step, tokens, {2}, 0.0)
-        order += [s.index for s in done]
+        # Every token of the step exists: a prompt chunk, or the sequence's next token (sampled by the
+        # step in flight when lagging).
+        coming = {v.seq for v in flight or [] if v.samples}
+        assert all(w.start + w.n <= len(w.seq.prompt) or
+                   (w.n == 1 and w.start - len(w.seq.prompt) + 1 == len(w.seq.out) + (w.seq in coming)) for w in step)
+        if not lag:
+            finish(step)
+        elif flight:
+            finish(flight)
+        flight = step if lag and step else None
         assert len(steps) < 100_000, "no progress"
     assert sched.cache.free == [(0, rows)], "cache rows leaked"
-    return steps, order, seqs
+    return [s for s in steps if s], order, seqs
 
 
+@pytest.mark.parametrize("lag", [False, True])
 @pytest.mark.parametrize("max_seqs,budget", [(1, 1), (2, 3), (4, 16), (8, 8), (3, 100)])
-def test_scheduler_budget_ranges_and_chunks(max_seqs, budget):
+def test_scheduler_budget_ranges_and_chunks(max_seqs, budget, lag):
     rng = random.Random(max_seqs * 1000 + budget)
     prompts = [rng.randint(1, 40) for _ in range(23)]
     eos_at = {i: rng.randint(1, 6) for i in range(0, 23, 3)}
-    steps, order, seqs = drive(prompts, max_seqs, budget, max_new=6, eos_at=eos_at)
+    steps, order, seqs = drive(prompts, max_seqs, budget, max_new=6, eos_at=eos_at, lag=lag)
     assert sorted(order) == list(range(23))                         # everyone finishes
     for step in steps:
         assert len(step) <= max_seqs
-        decodes = [i for i, _, cached, n in step if cached >= prompts[i]]
+        decodes = [i for i, _, start, n in step if start >= prompts[i]]
         assert [i for i, *_ in step][:len(decodes)] == decodes       # decode tokens come first
     # Chunks of each prompt are contiguous and in order, and cover it exactly once.
     for i, n in enumerate(prompts):
-        chunks = [(cached, k) for step in steps for j, _, cached, k in step if j == i and cached < n]
+        chunks = [(start, k) for step in steps for j, _, start, k in step if j == i and start < n]
         assert [c for c, _ in chunks] == list(itertools.accumulate([0] + [k for _, k in chunks[:-1]]))
         assert sum(k for _, k in chunks) == n
     # Admission is first come, first served: prompts start in input order.
@@ -114,12 +126,15 @@ def test_scheduler_waits_for_cache_and_admits_when_it_frees():
     assert {i for i, *_ in steps[0]} == {0, 1} and first[2] == min(last[0], last[1]) + 1
 
 
-def test_scheduler_many_prompts_no_leak():
+@pytest.mark.parametrize("lag", [False, True])
+def test_scheduler_many_prompts_no_leak(lag):
     """10^4 prompts through a small pool: every one finishes, no range is lost or shared."""
     rng = random.Random(3)
     prompts = [rng.randint(1, 30) for _ in range(10_000)]
-    _, order, _ = drive(prompts, max_seqs=32, budget=64, max_new=3, rows=600)
+    eos_at = {i: rng.randint(1, 3) for i in range(0, 10_000, 7)}
+    _, order, seqs = drive(prompts, max_seqs=32, budget=64, max_new=3, rows=600, eos_at=eos_at, lag=lag)
     assert sorted(order) == list(range(10_000))
+    assert all(len(s.out) == eos_at.get(s.index, 3) for s in seqs)
 
 
 def test_scheduler_rejects_more_seqs_than_budget():
@@ -186,6 +201,17 @@ def test_sample_depends_on_seed_sequence_and_position_only():
     assert not torch.equal(draw(logits, s, ids, pos + 1), whole)
 
 
+def test_greedy_argmax_equals_torch():
+    """The two-pass argmax of greedy decoding picks what argmax(-1) picks, ties to the first index,
+    for vocabularies that split into chunks and one that does not."""
+    g = torch.Generator().manual_seed(0)
+    for B, V in [(1, 128256), (5, 152064), (3, 32000), (2, 203)]:
+        x = torch.randn(B, V, generator=g).bfloat16()
+        x[0, [7, V // 2, V - 1]] = 50.0                        # ties across chunks
+        x[-1, :] = 1.0                                         # a row of ties
+        assert torch.equal(engine.argmax(x), x.argmax(-1)), (B, V)
+
+
 # ----------------------------------------------------------------------------- served == alone
 
 PROMPT_LENS = [1, 5, 37, 12, 70, 3, 2, 26, 9, 41]     # some longer than the smaller budgets
@@ -215,6 +241,13 @@ CONFIGS = [(1, 128), (1, 1), (3, 8), (4, 16), (10, 40), (10, 256)]
 @pytest.fixture(scope="module")
 def small_ckpt(tmp_path_factory):
     return hf_llama(tmp_path_factory.mktemp("llama"), num_hidden_layers=2)[0]
+
+
+@pytest.fixture(scope="module")
+def wide_ckpt(tmp_path_factory):
+    """Heads of 128 dimensions, 4 to a KV head: the shape the decode attention kernel serves."""
+    return hf_llama(tmp_path_factory.mktemp("wide"), num_hidden_layers=2, hidden_size=512, num_attention_heads=4,
+                    num_key_value_heads=1, head_dim=128, intermediate_size=128)[0]
 
 
 @pytest.fixture(scope="module")
@@ -323,23 +356,26 @@ def test_cuda_one_call_attention_equals_per_span(nh, nkv, hd):
 
 
 @pytest.mark.skipif(N_GPUS < 1, reason="needs a CUDA GPU")
-def test_cuda_graph_decode_equals_eager(small_ckpt, alone):
-    """bf16 on one GPU: decode steps replayed from graphs give the tokens eager steps give."""
+@pytest.mark.parametrize("ckpt", ["small_ckpt", "wide_ckpt"])
+def test_cuda_graph_decode_equals_eager(ckpt, alone, request):
+    """bf16 on one GPU: decode steps replayed from graphs give the tokens eager steps give (graphs
+    pad the batch to their bucket: the decode kernel's output must not depend on it)."""
     prompts, eos, _ = alone
-    d = comm.Dist(device=torch.device("cuda", 0))
-    eager = serve(small_ckpt, d, torch.bfloat16, 4, 16, prompts, eos, graphs="off", max_new=20)
-    graphs = serve(small_ckpt, d, torch.bfloat16, 4, 16, prompts, eos, graphs="on", max_new=20)
+    path, d = request.getfixturevalue(ckpt), comm.Dist(device=torch.device("cuda", 0))
+    eager = serve(path, d, torch.bfloat16, 4, 16, prompts, eos, graphs="off", max_new=20)
+    graphs = serve(path, d, torch.bfloat16, 4, 16, prompts, eos, graphs="on", max_new=20)
     assert graphs == eager
 
 
 @pytest.mark.skipif(N_GPUS < 1, reason="needs a CUDA GPU")
-def test_cuda_attention_matches_cpu(small_ckpt):
+@pytest.mark.parametrize("ckpt", ["small_ckpt", "wide_ckpt"])
+def test_cuda_attention_matches_cpu(ckpt, request):
     """The CUDA paths against the CPU ones through a mixed step (decode rows, a chunk after a prefix,
     a fresh prompt), in fp32 on the CPU vs bf16 on the GPU."""
     logits = []
     for device, dtype in (("cpu", torch.float32), ("cuda", torch.bfloat16)):
         d = comm.Dist(device=torch.device(device))
-        model = models.load(small_ckpt, d, dtype)
+        model = models.load(request.getfixturevalue(ckpt), d, dtype)
         model.allocate_cache(4 * 64)
         w = weave.Weaver(model, comm.make_comm("auto", d, model.cfg.hidden, 64, dtype), "off")
         g = torch.Generator().manual_seed(1)
