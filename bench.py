@@ -5,7 +5,8 @@
     torchrun --nproc-per-node 4 bench.py model --model llama-3.3-70b --layers 8
     python bench.py model --model llama-3.1-8b --modes tp1,tp1-flash # one GPU: the attention paths
     torchrun --nproc-per-node 4 bench.py tune  --model llama-3.3-70b --layers 4   # writes configs/
-    python bench.py decode --model llama-3.1-8b                      # ms per decode step vs the HBM floor
+    python bench.py decode --model llama-3.1-8b --profile            # ms per decode step vs the HBM floor
+    python bench.py attention --model llama-3.1-8b                   # decode attention alone vs FlashAttention
     python bench.py serve --model llama-3.1-8b --workloads 1000x1024/128 --budgets 2048,8192
     python bench.py checkpoint /tmp/ckpt --model llama-3.1-8b        # a random-weight HF checkpoint + prompts
 
@@ -16,6 +17,7 @@ hits them alike. Each command prints a title, a Markdown table and, last, one li
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import random
@@ -30,7 +32,7 @@ import comm
 import engine
 import models
 import weave
-from batch import Span
+from batch import Batch, Span
 from comm import UserError
 
 # name -> how the step runs: comm backend, weave mode, GEMM carveout beside the comm, cuDNN for long prompts
@@ -370,7 +372,9 @@ def cmd_decode(args, d):
     model = build_model(args, d)
     tuning = load_tuning(args, model, d)
     bw = copy_bandwidth(d)
-    modes = ["graphs", "eager"] if d.device.type == "cuda" else ["eager"]
+    ours = model.layers[0].attn.decode_kernel
+    modes = args.modes or (["graphs", "graphs-flash", "eager"] if ours else ["graphs", "eager"])
+    modes = [m for m in modes if d.device.type == "cuda" or m == "eager"]
     head = ["batch", "context", "floor ms"] + [f"{m} {x}" for m in modes for x in ("ms", "tok/s", "% of floor", "host ms")]
     table, rows = [head], []
     g = torch.Generator(d.device).manual_seed(0)
@@ -385,7 +389,9 @@ def cmd_decode(args, d):
                 continue
             backend = comm.make_comm(args.comm, d, model.cfg.hidden, B, model.norm.weight.dtype)
             for mode in modes:
-                runner = engine.Runner(weave.Weaver(model, backend, "auto", tuning), B * ctx, mode == "graphs", ctx)
+                for layer in model.layers:          # -flash: decode tokens through FlashAttention (the baseline)
+                    layer.attn.decode_kernel = ours and not mode.endswith("-flash")
+                runner = engine.Runner(weave.Weaver(model, backend, "auto", tuning), B * ctx, mode != "eager", ctx)
                 for layer in model.layers:          # never time on zeros
                     for c in (layer.attn.k_cache, layer.attn.v_cache):
                         c.normal_(generator=g)
@@ -406,6 +412,10 @@ def cmd_decode(args, d):
                         step.append(slowest_rank((t2 - t0) * 1e3))
                 st, hs = stats(step), stats(host)
                 row[mode] = {**st, "host_ms": hs["median"]}
+                if args.profile and mode != "eager":
+                    row[mode]["profile"] = step_profile(functools.partial(runner.step, spans, tokens, list(range(B)),
+                                                                          engine.Sampling()))
+                    say(d, profile_text(row[mode]["profile"], f"batch {B} context {ctx} {mode}"))
                 line += [fmt(st, 2), f"{B / st['median'] * 1e3:.0f}", f"{100 * floor / st['median']:.0f}%",
                          f"{hs['median']:.2f}"]
                 say(d, f"  batch {B} context {ctx} {mode}: {st['median']:.2f} ms (floor {floor:.2f}), host {hs['median']:.2f} ms")
@@ -417,7 +427,128 @@ def cmd_decode(args, d):
             table.append(line)
     title = (f"{args.model} ({model.cfg.n_layers} layers), TP {d.world}, decode step in ms: median (p10-p90) of "
              f"{args.iters}; floor = this rank's weights + KV at {bw:.0f} GB/s (copy bandwidth, this run)")
+    if args.hf:
+        del model
+        ms = hf_decode_ms(args.model, args.contexts[0], d)
+        rows.append({"hf_static_cache_ms": ms, "batch": 1, "context": args.contexts[0]})
+        title += f"; HF transformers generate (static cache, its compile), batch 1, context {args.contexts[0]}: {ms:.2f} ms"
     return title, table, rows
+
+
+def hf_decode_ms(preset: str, ctx: int, d) -> float:
+    """ms per new token of HF transformers' own generate at batch 1 with its static cache (which it
+    compiles), the same shape with random weights: what a user would otherwise run."""
+    import transformers
+    if preset not in models.PRESETS or d.world != 1 or d.device.type != "cuda":
+        raise UserError("--hf needs a preset shape, one process and a GPU")
+    c = dict(models.PRESETS[preset])
+    cfg = transformers.AutoConfig.for_model(c.pop("model_type"), **c)
+    with torch.device(d.device):
+        hf = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
+    ids = torch.randint(0, cfg.vocab_size, (1, ctx), device=d.device)
+
+    def gen(n):
+        sync()
+        t0 = time.perf_counter()
+        hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, cache_implementation="static")
+        sync()
+        return time.perf_counter() - t0
+    for _ in range(2):             # compile and warm up
+        gen(65)
+    ms = stats([(gen(65) - gen(1)) / 64 * 1e3 for _ in range(3)])["median"]
+    say(d, f"  HF transformers {transformers.__version__} generate, static cache, batch 1, context {ctx}: {ms:.2f} ms")
+    return ms
+
+
+def step_profile(fn) -> dict:
+    """Where one step's GPU time goes: its kernels in order (profiler durations), the span from the
+    first kernel's start to the last one's end, and the idle time between kernels. Layers are cut
+    at the comm points (every kernel named *add_rmsnorm*, two per layer), so each position within a
+    layer gets the median duration over the layers."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    sync()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        sync()
+    ks = sorted((e.time_range.start, e.time_range.elapsed_us(), e.name) for e in prof.events()
+                if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.elapsed_us() > 0)
+    span = max(s + u for s, u, _ in ks) - ks[0][0]
+    busy = sum(u for _, u, _ in ks)
+    cuts = [i for i, k in enumerate(ks) if "add_rmsnorm" in k[2]]
+    layers = [ks[a + 1:b + 1] for a, b in zip(cuts[0:-1:2], cuts[2::2])]
+    per_layer = []
+    if layers and all(len(x) == len(layers[0]) for x in layers):
+        for pos in range(len(layers[0])):
+            per_layer.append({"name": layers[0][pos][2][:90], "us": stats([x[pos][1] for x in layers])["median"]})
+    return {"span_us": span, "busy_us": busy, "idle_us": span - busy, "kernels": len(ks), "layers": len(layers),
+            "head_us": sum(u for _, u, _ in ks[:cuts[0] + 1]) if cuts else 0.0,
+            "tail": [{"name": n[:90], "us": u} for _, u, n in ks[cuts[-1] + 1:]] if cuts else [],
+            "per_layer": per_layer}
+
+
+def profile_text(p: dict, what: str) -> str:
+    lines = [f"  profile, {what}: {p['kernels']} kernels over {p['span_us']:.0f} us, busy {p['busy_us']:.0f} us, "
+             f"idle {p['idle_us']:.0f} us; {p['layers']} layers, head {p['head_us']:.0f} us"]
+    lines += [f"    layer x{p['layers']}: {k['us']:8.1f} us  {k['name']}" for k in p["per_layer"]]
+    lines += [f"    tail:     {k['us']:8.1f} us  {k['name']}" for k in p["tail"]]
+    return "\n".join(lines)
+
+
+def cmd_attention(args, d):
+    """Decode attention alone, on this rank's heads of the model: the extension's split-KV kernel
+    against FlashAttention's varlen kernel (what attention used before), B sequences of ctx keys,
+    kernel time per call from the profiler (launch gaps are the decode step's business), against
+    the floor: their K and V bytes at the copy bandwidth."""
+    module, cfg = models.config(args.model)
+    model = models.build(module.Transformer, dataclasses.replace(cfg, n_layers=1), d, torch.bfloat16)
+    attn = model.layers[0].attn
+    if not attn.decode_kernel:
+        raise UserError(f"the extension's decode kernel does not serve {args.model} (head dim {attn.hd}, "
+                        f"{attn.nh // attn.nkv} query heads a KV head) or it is not built here")
+    bw = copy_bandwidth(d)
+    g = torch.Generator(d.device).manual_seed(0)
+    head = ["batch", "context", "KV MB", "floor us", "ours us", "ours % of floor", "FlashAttention us",
+            "FlashAttention % of floor"]
+    table, rows = [head], []
+    for ctx in args.contexts:
+        for B in args.batches:
+            kv_bytes = model.cache_bytes(B * ctx)
+            if kv_bytes > 0.8 * torch.cuda.mem_get_info()[0]:
+                table.append([B, ctx, f"{kv_bytes / 1e6:.0f}"] + ["does not fit"] * (len(head) - 3))
+                continue
+            attn.k_cache, attn.v_cache = (torch.randn(B * ctx, attn.nkv, attn.hd, generator=g, device=d.device)
+                                          .bfloat16() for _ in range(2))
+            batch = Batch.make([Span(i * ctx, ctx - 1, 1) for i in range(B)], [0] * B, d.device)
+            q = torch.randn(B, attn.nh, attn.hd, generator=g, device=d.device).bfloat16()
+            floor = kv_bytes / bw / 1e3
+            row = {"batch": B, "context": ctx, "kv_bytes": kv_bytes, "floor_us": floor}
+            for name, ours in (("ours", True), ("flash", False)):
+                attn.decode_kernel = ours
+                row[name] = kernel_time_us(lambda: attn.attend(q, batch), args.iters)
+            attn.decode_kernel = True
+            rows.append(row)
+            table.append([B, ctx, f"{kv_bytes / 1e6:.0f}", f"{floor:.1f}", f"{row['ours']:.1f}",
+                          f"{100 * floor / row['ours']:.0f}%", f"{row['flash']:.1f}", f"{100 * floor / row['flash']:.0f}%"])
+            say(d, f"  batch {B} context {ctx}: ours {row['ours']:.1f} us, FlashAttention {row['flash']:.1f} us, "
+                   f"floor {floor:.1f} us")
+            attn.k_cache = attn.v_cache = None
+    return (f"decode attention of {args.model} at TP {d.world} ({attn.nh} query heads, {attn.nkv} KV heads, "
+            f"head dim {attn.hd}): kernel us per call, mean of {args.iters} calls; floor = K and V at {bw:.0f} GB/s "
+            f"(copy bandwidth, this run)"), table, rows
+
+
+def kernel_time_us(fn, iters: int) -> float:
+    """Mean GPU time of fn's kernels per call (the sum of their profiler durations: no gaps)."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    sync()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        sync()
+    return sum(e.time_range.elapsed_us() for e in prof.events()
+               if e.device_type == torch.autograd.DeviceType.CUDA) / iters
 
 
 def workload(spec: str, vocab: int, seed: int = 0):
@@ -447,8 +578,8 @@ def step_flops(model):
     head = model.head.weight.numel()
 
     def flops(step) -> float:
-        T = sum(n for _, n in step)
-        attn = sum(4 * n * (s.cached + (n + 1) / 2) * a.hd * a.nh for s, n in step) * len(model.layers)
+        T = sum(w.n for w in step)
+        attn = sum(4 * w.n * (w.start + (w.n + 1) / 2) * a.hd * a.nh for w in step) * len(model.layers)
         return 2 * per_token * T + attn + 2 * head * len(step)
     return flops
 
@@ -501,7 +632,7 @@ def serve_runs(llm, d, prompts, out_len: int, iters: int, budget: int, ref_tflop
         barrier()
         t0 = time.perf_counter()
         done = list(llm.generate(prompts, out_len, on_step=lambda step, s: steps.append(
-            (flops(step), sum(n for q, n in step if q.cached < len(q.prompt)), len(step), s))))
+            (flops(step), sum(w.n for w in step if w.start < len(w.seq.prompt)), len(step), s))))
         wall = slowest_rank(time.perf_counter() - t0)
         n_out, n_in = sum(len(s.out) for s in done), sum(len(s.prompt) for s in done)
         runs.append((n_out / wall, (n_in + n_out) / wall, steps))
@@ -528,7 +659,7 @@ def prefill_rate(llm, d):
     ms = stats(timed(lambda: weaver(batch), 3, warmup=1))["median"]
     model.allocate_cache(0)
     llm.engine.runner = None                # the pool was dropped: the next prepare allocates it again
-    return T, step_flops(model)([(engine.Sequence(0, [], 0), T)]) / ms / 1e9
+    return T, step_flops(model)([engine.Work(engine.Sequence(0, [0] * T, 1), T, 0)]) / ms / 1e9
 
 
 def fmt_rate(st: dict) -> str:
@@ -676,6 +807,17 @@ def parse_args(argv=None):
     dc.add_argument("--batches", type=ints, default=[1, 8, 32, 128], help="batch sizes (default 1,8,32,128)")
     dc.add_argument("--contexts", type=ints, default=[1024, 8192], help="context lengths (default 1024,8192)")
     dc.add_argument("--comm", default="auto", help="comm backend (default auto)")
+    dc.add_argument("--modes", type=names, default=None, help="graphs (decode steps replayed from CUDA graphs), "
+                    "graphs-flash (the same with decode attention through FlashAttention's varlen kernel instead "
+                    "of the extension's), eager; default all three on CUDA")
+    dc.add_argument("--hf", action="store_true", help="also time HF transformers' generate at batch 1 with its static "
+                    "cache on the same preset shape (random weights; compiles for a minute or more)")
+    dc.add_argument("--profile", action="store_true", help="also profile one step per figure: kernels per layer, "
+                    "their durations, and the GPU's idle time between kernels")
+    at = command("attention", "decode attention alone: the extension's kernel vs FlashAttention, vs the floor")
+    at.add_argument("--batches", type=ints, default=[1, 8, 32, 128], help="batch sizes (default 1,8,32,128)")
+    at.add_argument("--contexts", type=ints, default=[1024, 8192, 32768],
+                    help="keys per sequence (default 1024,8192,32768)")
     s = command("serve", "throughput of many prompts through engine.LLM, first run and warm")
     s.add_argument("--workloads", type=names, default=["1000x1024/128", "1000xmixed/128"],
                    help="NxIN/OUT prompt sets, comma-separated; IN may be 'mixed' (128-2048) or 'tail' (1%% of 16K)")
@@ -694,8 +836,8 @@ def parse_args(argv=None):
     return args
 
 
-COMMANDS = {"model": cmd_model, "kernel": cmd_kernel, "tune": cmd_tune, "decode": cmd_decode, "serve": cmd_serve,
-            "checkpoint": cmd_checkpoint}
+COMMANDS = {"model": cmd_model, "kernel": cmd_kernel, "tune": cmd_tune, "decode": cmd_decode, "attention": cmd_attention,
+            "serve": cmd_serve, "checkpoint": cmd_checkpoint}
 
 
 def main(argv=None):
@@ -703,7 +845,7 @@ def main(argv=None):
     rank0 = int(os.environ.get("RANK", 0)) == 0
     multi = args.what == "tune" or (args.what == "kernel" and not args.virtual)
     try:
-        if (multi or args.what == "kernel") and not torch.cuda.is_available():
+        if (multi or args.what in ("kernel", "attention")) and not torch.cuda.is_available():
             raise UserError(f"bench.py {args.what} needs CUDA GPUs")
         d = comm.init_distributed("auto")
         if multi and d.world < 2:

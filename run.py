@@ -35,6 +35,8 @@ import engine  # noqa: E402
 import models  # noqa: E402
 from comm import UserError  # noqa: E402
 
+IMPORTED = time.perf_counter()
+
 DEFAULT_PROMPT = {"demo": "The quick brown fox", "model": "Tell me about tensor parallelism."}
 STDIN = ("-", "/dev/stdin")
 
@@ -353,7 +355,8 @@ def generate(args, d, run: dict) -> int:
     start = sync(d)
     load_s = start - t0
     eng = llm.engine
-    log(f"ready in {load_s:.1f}s ({start - STARTED:.1f}s after the process started): comm {llm.comm_name}, weave {args.weave}, KV cache {eng.rows} positions "
+    log(f"ready in {load_s:.1f}s ({start - STARTED:.1f}s after the process started: {IMPORTED - STARTED:.1f}s of "
+        f"imports, {t0 - IMPORTED:.1f}s starting the device): comm {llm.comm_name}, weave {args.weave}, KV cache {eng.rows} positions "
         f"({llm.model.cache_bytes(eng.rows) / 2**30:.2f} GiB) for up to {eng.max_seqs} sequences, decode graphs "
         f"{'for batches up to ' + str(max(eng.runner.graphs)) if eng.runner.graphs else 'off'}")
     out = Printer(args, prompts, llm, d, load_s, start)
