@@ -328,8 +328,8 @@ def kernel_virtual(args, d):
             f"({v.resident_ctas()} CTAs fit at once)"), table, rows
 
 
-def kernel_us(fn, per_call: int, iters: int, name: str) -> list:
-    """[[us of each of the per_call kernels named *name* of one call] for each of iters calls]."""
+def gpu_kernels(fn, iters: int) -> list:
+    """[(start, us, name)] of the GPU work of iters calls of fn (after one untimed call), in order."""
     from torch.profiler import ProfilerActivity, profile
     fn()
     sync()
@@ -337,9 +337,13 @@ def kernel_us(fn, per_call: int, iters: int, name: str) -> list:
         for _ in range(iters):
             fn()
         sync()
-    kernels = sorted((e.time_range.start, e.time_range.elapsed_us()) for e in prof.events()
-                     if e.device_type == torch.autograd.DeviceType.CUDA and name in e.name)
-    us = [k[1] for k in kernels]
+    return sorted((e.time_range.start, e.time_range.elapsed_us(), e.name) for e in prof.events()
+                  if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.elapsed_us() > 0)
+
+
+def kernel_us(fn, per_call: int, iters: int, name: str) -> list:
+    """[[us of each of the per_call kernels named *name* of one call] for each of iters calls]."""
+    us = [u for _, u, n in gpu_kernels(fn, iters) if name in n]
     return [us[i:i + per_call] for i in range(0, len(us) - per_call + 1, per_call)]
 
 
@@ -465,14 +469,7 @@ def step_profile(fn) -> dict:
     first kernel's start to the last one's end, and the idle time between kernels. Layers are cut
     at the comm points (every kernel named *add_rmsnorm*, two per layer), so each position within a
     layer gets the median duration over the layers."""
-    from torch.profiler import ProfilerActivity, profile
-    fn()
-    sync()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        sync()
-    ks = sorted((e.time_range.start, e.time_range.elapsed_us(), e.name) for e in prof.events()
-                if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.elapsed_us() > 0)
+    ks = gpu_kernels(fn, 1)
     span = max(s + u for s, u, _ in ks) - ks[0][0]
     busy = sum(u for _, u, _ in ks)
     cuts = [i for i, k in enumerate(ks) if "add_rmsnorm" in k[2]]
@@ -540,15 +537,7 @@ def cmd_attention(args, d):
 
 def kernel_time_us(fn, iters: int) -> float:
     """Mean GPU time of fn's kernels per call (the sum of their profiler durations: no gaps)."""
-    from torch.profiler import ProfilerActivity, profile
-    fn()
-    sync()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(iters):
-            fn()
-        sync()
-    return sum(e.time_range.elapsed_us() for e in prof.events()
-               if e.device_type == torch.autograd.DeviceType.CUDA) / iters
+    return sum(u for _, u, _ in gpu_kernels(fn, iters)) / iters
 
 
 def workload(spec: str, vocab: int, seed: int = 0):
