@@ -500,14 +500,15 @@ class LLM:
                 print(seq.index, seq.text, seq.t_first - seq.t_admit)
 
     model: a checkpoint directory, a hub id, a preset name (random weights; token-id prompts only)
-    or None (the demo). The model, the comm buffers, the KV cache and the graphs are freed by
-    close() (or leaving the with block); the process group stays (init_distributed made it).
+    or None (the demo). tokenizer: this model's models.Tokenizer if the caller has loaded it already.
+    The model, the comm buffers, the KV cache and the graphs are freed by close() (or leaving the
+    with block); the process group stays (init_distributed made it).
     """
 
     def __init__(self, model: str | None = None, *, comm: str = "auto", weave: str = "auto",
                  graphs: str = "auto", tuning=None, max_seqs: int = 256, max_step_tokens: int = 2048,
                  memory: float = 0.9, device: str = "auto", dtype: torch.dtype | None = None,
-                 layers: int | None = None, dist=None, log=None):
+                 layers: int | None = None, dist=None, log=None, tokenizer=None):
         self.d = dist or init_distributed(device)
         self.log = log or (lambda s: None)
         self.path = models.resolve(model, self.d)
@@ -526,7 +527,7 @@ class LLM:
         Scheduler.check_limits(max_seqs, max_step_tokens)
         is_dir = os.path.isdir(self.path)      # else a preset: no tokenizer, token-id prompts only
         has_tokenizer = is_dir and os.path.exists(os.path.join(self.path, "tokenizer.json"))
-        self.tokenizer = models.Tokenizer(self.path, cfg.vocab) if has_tokenizer else None
+        self.tokenizer = tokenizer or (models.Tokenizer(self.path, cfg.vocab) if has_tokenizer else None)
         self.eos = models.eos_ids(cfg, self.path if is_dir else None)
         step_bytes = 2 * max_step_tokens * cfg.hidden * dtype.itemsize     # the comm's two step buffers
         if step_bytes > 0.5 * (torch.cuda.mem_get_info(self.d.device)[0] if cuda else available_host_memory()):

@@ -342,7 +342,8 @@ def generate(args, d, run: dict) -> int:
     if args.model is None:
         log(f"no --model given: using the demo model at {path} (tiny, RANDOM weights: the text is gibberish)")
     _, cfg = models.config(path)
-    ids = models.Tokenizer(path, cfg.vocab).encode([p for _, p in prompts], args.chat)
+    tokenizer = models.Tokenizer(path, cfg.vocab)
+    ids = tokenizer.encode([p for _, p in prompts], args.chat)
     if all(len(p) + args.max_new_tokens > cfg.max_positions for p in ids):   # nothing could run: say so now
         longest = max(map(len, ids))
         raise UserError(f"{'every prompt is' if len(ids) > 1 else 'the prompt is'} too long: with --max-new-tokens "
@@ -350,7 +351,7 @@ def generate(args, d, run: dict) -> int:
                         f"{cfg.max_positions}; shorten it or ask for fewer new tokens")
     llm = run["llm"] = engine.LLM(path, comm=args.comm, weave=args.weave, graphs=args.graphs, tuning=args.tuning,
                                   max_seqs=args.max_seqs, max_step_tokens=args.max_step_tokens, memory=args.memory,
-                                  dist=d, log=log)
+                                  dist=d, log=log, tokenizer=tokenizer)
     llm.prepare(ids, args.max_new_tokens)
     start = sync(d)
     load_s = start - t0
