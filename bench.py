@@ -641,13 +641,13 @@ def prefill_rate(llm, d):
     """(T, TFLOP/s) of one T-token prefill, unsplit (the reference for the serve run's prompt chunks)."""
     model = llm.model
     T = min(16384, model.cfg.max_positions)
+    llm.engine.close()                      # its pool and graphs go first; the next prepare makes them again
     model.allocate_cache(T)
     weaver = weave.Weaver(model, comm.make_comm(llm.comm.name if d.world > 1 else "auto", d, model.cfg.hidden, T,
                                                 model.norm.weight.dtype), "off", llm.weaver.tuning)
     batch = weaver.batch(prefill_spans(T, 1), random_tokens(T, model.cfg.vocab, 0))
     ms = stats(timed(lambda: weaver(batch), 3, warmup=1))["median"]
     model.allocate_cache(0)
-    llm.engine.runner = None                # the pool was dropped: the next prepare allocates it again
     return T, step_flops(model)([engine.Work(engine.Sequence(0, [0] * T, 1), T, 0)]) / ms / 1e9
 
 
