@@ -59,7 +59,7 @@ class Batch:
     kv_lens: torch.Tensor | None    # (n,) keys each span's queries see: start + n
     n_single: int            # spans of one token at the front (decode tokens)
     max_q: int               # the longest span, and ...
-    max_k: int               # ... the most keys a span sees (or more): FlashAttention sizes its grid and
+    max_k: int               # ... the most keys a span sees (or more): attention sizes its grid and
     halves: tuple | None = None   # its split of the keys by them. (A, B) when the step is split
 
     @property
@@ -112,14 +112,16 @@ class Batch:
     @classmethod
     def make(cls, spans: list, tokens: list, device, seq_ids: list | None = None, split: int | None = None):
         """A Batch on `device`: layout, one copy, views."""
-        return cls.view(spans, staged(cls.layout(spans, tokens, seq_ids, split), device).to(device, non_blocking=True),
-                        split)
+        return cls.view(spans, upload(cls.layout(spans, tokens, seq_ids, split), device), split)
 
 
-def staged(host: torch.Tensor, device) -> torch.Tensor:
-    """host, in pinned memory when it goes to a GPU: a copy from pageable memory may wait for the
-    stream to drain, and the engine enqueues a step while the one before it still runs."""
-    return host.pin_memory() if torch.device(device).type == "cuda" else host
+def upload(host: torch.Tensor, device, out: torch.Tensor | None = None) -> torch.Tensor:
+    """host on `device` (into `out` if given), without waiting: through pinned memory when it goes
+    to a GPU, since a copy from pageable memory may wait for the stream to drain, and the engine
+    enqueues a step while the one before it still runs."""
+    if torch.device(device).type == "cuda":
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True) if out is None else out.copy_(host, non_blocking=True)
 
 
 def count_single(spans) -> int:

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 import models
-from batch import Batch, Span, staged
+from batch import Batch, Span, upload
 from comm import UserError, broadcast_from_rank0, check_comm, init_distributed, make_comm
 from weave import Tuning, Weaver, tuning_path
 
@@ -249,11 +249,10 @@ class Runner:
     """Runs steps over a cache of `rows` rows (plus one scratch row that padding rows decode into).
     Decode-only steps replay a CUDA graph of their bucket: the graph was captured over a Batch whose
     tensors are views of one static int32 buffer, and a step only copies its layout into that buffer.
-    A graph serves sequences of up to max_k positions: FlashAttention splits the keys of small
-    batches by that bound, so it is the run's longest sequence, not the model's context (at 131K
-    positions every split but the first was empty: 8K-context decode ran 1.4x slower). The graphs
-    keep the addresses of the model's KV cache, which the Runner allocates: one Runner per model at
-    a time."""
+    A graph serves sequences of up to max_k positions: attention sizes its grids by that bound (the
+    decode kernel its key slices, FlashAttention its splits), so it is the run's longest sequence,
+    not the model's context. The graphs keep the addresses of the model's KV cache, which the Runner
+    allocates: one Runner per model at a time."""
 
     def __init__(self, weaver: Weaver, rows: int, graphs: bool, max_k: int | None = None):
         self.weaver, self.d, self.scratch = weaver, weaver.comm.d, rows
@@ -297,12 +296,11 @@ class Runner:
         else:
             graph, data, batch, logits = self.graphs[bucket]
             pad = bucket - B
-            data.copy_(staged(Batch.layout(spans + [Span(self.scratch, 0, 1)] * pad, tokens + [0] * pad,
-                                           seq_ids + [0] * pad, self.weaver.split_point(bucket)), self.d.device),
-                       non_blocking=True)
+            upload(Batch.layout(spans + [Span(self.scratch, 0, 1)] * pad, tokens + [0] * pad, seq_ids + [0] * pad,
+                                self.weaver.split_point(bucket)), self.d.device, out=data)
         if carry:                     # the step's first T entries are its tokens (batch.py)
             prev, pairs = carry
-            at = staged(torch.tensor(pairs, dtype=torch.long), self.d.device).to(self.d.device, non_blocking=True)   # (m, 2)
+            at = upload(torch.tensor(pairs, dtype=torch.long), self.d.device)   # (m, 2)
             data[at[:, 0]] = prev[at[:, 1]].to(data.dtype)
         if bucket is None:
             logits = self.weaver(batch)

@@ -337,7 +337,7 @@ class Attention(nn.Module):
 
 
 def attend_reference(q, k_cache, v_cache, batch: Batch):
-    """What the variable-length kernel computes, one span at a time (CPU, and the GPU tests)."""
+    """What the attention kernels compute, one span at a time (CPU, and the GPU tests)."""
     o, off = torch.empty_like(q), 0
     for s in batch.spans:
         qs = q[off:off + s.n].transpose(0, 1)[None]                           # (1, nh, n, hd)

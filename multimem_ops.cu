@@ -645,9 +645,8 @@ __device__ __forceinline__ void mma_rows8(float (&d)[4], uint32_t a0, uint32_t a
 
 // Slices of a sequence of len keys (>= 1): a function of len only (see above).
 __host__ __device__ constexpr int slices_for(int len) {
-  return len <= attn::SLICE_KEYS ? 1
-         : (len + attn::SLICE_KEYS - 1) / attn::SLICE_KEYS < attn::MAX_SLICES ? (len + attn::SLICE_KEYS - 1) / attn::SLICE_KEYS
-                                                                             : attn::MAX_SLICES;
+  const int slices = (len + attn::SLICE_KEYS - 1) / attn::SLICE_KEYS;
+  return slices < 1 ? 1 : slices < attn::MAX_SLICES ? slices : attn::MAX_SLICES;
 }
 
 template <int G, int STAGES>
