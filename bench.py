@@ -7,6 +7,7 @@
     torchrun --nproc-per-node 4 bench.py tune  --model llama-3.3-70b --layers 4   # writes configs/
     python bench.py decode --model llama-3.1-8b --profile            # ms per decode step vs the HBM floor
     python bench.py attention --model llama-3.1-8b                   # decode attention alone vs FlashAttention
+    python bench.py gemm --model llama-3.1-8b                        # a decode step's GEMMs vs the HBM floor
     python bench.py serve --model llama-3.1-8b --workloads 1000x1024/128 --budgets 2048,8192
     python bench.py checkpoint /tmp/ckpt --model llama-3.1-8b        # a random-weight HF checkpoint + prompts
 
@@ -27,9 +28,11 @@ import time
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 import comm
 import engine
+import llama
 import models
 import weave
 from batch import Batch, Span
@@ -371,15 +374,17 @@ def step_bytes(model, B: int, ctx: int) -> int:
 
 def cmd_decode(args, d):
     """ms per decode step by batch size and context, graphs on and off, against the floor: this
-    rank's step bytes at the copy bandwidth measured in the same run. `host` is the time to enqueue a
-    step (until the call returns), `step` until its tokens are on the host."""
+    rank's step bytes at the copy bandwidth measured in the same run. `ms` is one step alone, from
+    its enqueue until its tokens are on the host; `pipelined` a step of a run of them as the engine
+    runs them (pipelined_ms), which the % of the floor is of; `host` the time to enqueue a step."""
     model = build_model(args, d)
     tuning = load_tuning(args, model, d)
     bw = copy_bandwidth(d)
     ours = model.layers[0].attn.decode_kernel
     modes = args.modes or (["graphs", "graphs-flash", "eager"] if ours else ["graphs", "eager"])
     modes = [m for m in modes if d.device.type == "cuda" or m == "eager"]
-    head = ["batch", "context", "floor ms"] + [f"{m} {x}" for m in modes for x in ("ms", "tok/s", "% of floor", "host ms")]
+    head = ["batch", "context", "floor ms"] + [f"{m} {x}" for m in modes
+                                               for x in ("ms", "pipelined ms", "% of floor", "tok/s", "host ms")]
     table, rows = [head], []
     g = torch.Generator(d.device).manual_seed(0)
     for ctx in args.contexts:
@@ -415,14 +420,16 @@ def cmd_decode(args, d):
                         host.append(slowest_rank((t1 - t0) * 1e3))
                         step.append(slowest_rank((t2 - t0) * 1e3))
                 st, hs = stats(step), stats(host)
-                row[mode] = {**st, "host_ms": hs["median"]}
+                pl = stats([pipelined_ms(runner, spans, tokens, args.iters) for _ in range(5)])
+                row[mode] = {**st, "host_ms": hs["median"], "pipelined": pl}
                 if args.profile and mode != "eager":
                     row[mode]["profile"] = step_profile(functools.partial(runner.step, spans, tokens, list(range(B)),
                                                                           engine.Sampling()))
                     say(d, profile_text(row[mode]["profile"], f"batch {B} context {ctx} {mode}"))
-                line += [fmt(st, 2), f"{B / st['median'] * 1e3:.0f}", f"{100 * floor / st['median']:.0f}%",
+                line += [fmt(st, 2), fmt(pl, 2), f"{100 * floor / pl['median']:.0f}%", f"{B / pl['median'] * 1e3:.0f}",
                          f"{hs['median']:.2f}"]
-                say(d, f"  batch {B} context {ctx} {mode}: {st['median']:.2f} ms (floor {floor:.2f}), host {hs['median']:.2f} ms")
+                say(d, f"  batch {B} context {ctx} {mode}: {st['median']:.2f} ms alone, {pl['median']:.2f} pipelined "
+                       f"(floor {floor:.2f}), host {hs['median']:.2f} ms")
                 del runner
                 model.allocate_cache(0)
                 if d.device.type == "cuda":
@@ -437,6 +444,22 @@ def cmd_decode(args, d):
         rows.append({"hf_static_cache_ms": ms, "batch": 1, "context": args.contexts[0]})
         title += f"; HF transformers generate (static cache, its compile), batch 1, context {args.contexts[0]}: {ms:.2f} ms"
     return title, table, rows
+
+
+def pipelined_ms(runner, spans, tokens, n: int) -> float:
+    """ms per step of n decode steps run as Engine.generate runs them: step k + 1 is enqueued, its
+    tokens carried over from step k's output on the device, before the host waits for step k's."""
+    ids, carry = list(range(len(spans))), [(i, i) for i in range(len(spans))]
+    flight = engine.Flight([], runner.step(spans, tokens, ids, engine.Sampling()))
+    flight.tokens()
+    barrier()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        nxt = runner.step(spans, tokens, ids, engine.Sampling(), (flight.nxt, carry))
+        flight.tokens()
+        flight = engine.Flight([], nxt)
+    flight.tokens()
+    return slowest_rank((time.perf_counter() - t0) * 1e3 / n)
 
 
 def hf_decode_ms(preset: str, ctx: int, d) -> float:
@@ -533,6 +556,59 @@ def cmd_attention(args, d):
     return (f"decode attention of {args.model} at TP {d.world} ({attn.nh} query heads, {attn.nkv} KV heads, "
             f"head dim {attn.hd}): kernel us per call, mean of {args.iters} calls; floor = K and V at {bw:.0f} GB/s "
             f"(copy bandwidth, this run)"), table, rows
+
+
+def cmd_gemm(args, d):
+    """A decode step's GEMMs alone, on this rank's shards of the model's weights, through cuBLAS
+    (F.linear, as the model runs them; gate/up with the SwiGLU kernel after it) and through cuBLASLt
+    (addmm with a zero bias routes there). M tokens; us per call of 24 calls replayed from one CUDA
+    graph, as a decode step runs them (launch gaps included), each call on another copy of the
+    weights so that none is still in L2; against the floor: the weights' bytes at the copy bandwidth."""
+    module, cfg = models.config(args.model)
+    model = models.build(module.Transformer, dataclasses.replace(cfg, n_layers=1), d, torch.bfloat16).init_random_()
+    layer = model.layers[0]
+    bw, l2 = copy_bandwidth(d), torch.cuda.get_device_properties(d.device).L2_cache_size
+    shapes = {"qkv": layer.attn.qkv.weight, "o_proj": layer.attn.o.weight, "gate_up": layer.mlp.gate_up.weight,
+              "down": layer.mlp.down.weight, "lm_head": model.head.weight}
+    head = ["layer", "N x K", "M", "floor us", "cuBLAS us", "cuBLAS % of floor", "cuBLASLt us", "cuBLASLt % of floor"]
+    table, rows = [head], []
+    g = torch.Generator(d.device).manual_seed(0)
+    for name, w in shapes.items():
+        N, K = w.shape
+        size = w.numel() * w.element_size()
+        copies = [w] + [w.clone() for _ in range(-(-2 * l2 // size))]
+        zero = torch.zeros(N, dtype=w.dtype, device=w.device)
+        floor = size / bw / 1e3
+        after = (lambda y: llama.swiglu(y, layer.mlp.ext)) if name == "gate_up" else (lambda y: y)   # noqa: E731
+        for M in args.batches:
+            x = torch.randn(M, K, generator=g, device=d.device).bfloat16()
+            fns = {"cublas": lambda w: after(F.linear(x, w)), "lt": lambda w: after(torch.addmm(zero, x, w.t()))}
+            row = {"layer": name, "N": N, "K": K, "M": M, "floor_us": floor}
+            row |= {k: graph_us([functools.partial(f, copies[i % len(copies)]) for i in range(24)], args.iters)
+                    for k, f in fns.items()}
+            rows.append(row)
+            table.append([name, f"{N} x {K}", M, f"{floor:.1f}", f"{row['cublas']:.1f}",
+                          f"{100 * floor / row['cublas']:.0f}%", f"{row['lt']:.1f}", f"{100 * floor / row['lt']:.0f}%"])
+            say(d, f"  {name} {N}x{K} M {M}: floor {floor:.1f} us, cuBLAS {row['cublas']:.1f}, cuBLASLt {row['lt']:.1f}")
+        del copies
+    return (f"decode GEMMs of {args.model} at TP {d.world}: us per call in a CUDA graph of 24 (gate_up with its "
+            f"SwiGLU kernel), median of {args.iters} replays; floor = the weights at {bw:.0f} GB/s "
+            f"(copy bandwidth, this run)"), table, rows
+
+
+def graph_us(calls: list, iters: int) -> float:
+    """us per call of these callables captured once, in order, into a CUDA graph and replayed."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):       # warm-up (workspaces, lazy inits) off the capture
+        for c in calls:
+            c()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for c in calls:
+            c()
+    return stats(timed(graph.replay, iters))["median"] * 1e3 / len(calls)
 
 
 def kernel_time_us(fn, iters: int) -> float:
@@ -807,6 +883,9 @@ def parse_args(argv=None):
     at.add_argument("--batches", type=ints, default=[1, 8, 32, 128], help="batch sizes (default 1,8,32,128)")
     at.add_argument("--contexts", type=ints, default=[1024, 8192, 32768],
                     help="keys per sequence (default 1024,8192,32768)")
+    gm = command("gemm", "a decode step's GEMMs alone, cuBLAS and cuBLASLt, vs the floor")
+    gm.add_argument("--batches", type=ints, default=[1, 2, 4, 8, 16, 32, 64, 128],
+                    help="tokens M (default 1,2,4,8,16,32,64,128)")
     s = command("serve", "throughput of many prompts through engine.LLM, first run and warm")
     s.add_argument("--workloads", type=names, default=["1000x1024/128", "1000xmixed/128"],
                    help="NxIN/OUT prompt sets, comma-separated; IN may be 'mixed' (128-2048) or 'tail' (1%% of 16K)")
@@ -826,7 +905,7 @@ def parse_args(argv=None):
 
 
 COMMANDS = {"model": cmd_model, "kernel": cmd_kernel, "tune": cmd_tune, "decode": cmd_decode, "attention": cmd_attention,
-            "serve": cmd_serve, "checkpoint": cmd_checkpoint}
+            "gemm": cmd_gemm, "serve": cmd_serve, "checkpoint": cmd_checkpoint}
 
 
 def main(argv=None):
@@ -834,7 +913,7 @@ def main(argv=None):
     rank0 = int(os.environ.get("RANK", 0)) == 0
     multi = args.what == "tune" or (args.what == "kernel" and not args.virtual)
     try:
-        if (multi or args.what in ("kernel", "attention")) and not torch.cuda.is_available():
+        if (multi or args.what in ("kernel", "attention", "gemm")) and not torch.cuda.is_available():
             raise UserError(f"bench.py {args.what} needs CUDA GPUs")
         d = comm.init_distributed("auto")
         if multi and d.world < 2:

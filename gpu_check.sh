@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # One device call: environment, extension build + SASS check, GPU tests, benchmarks. Logs go to
 # $OUT (or ./results). Usage: bash gpu_check.sh [env] [build] [test] [test1] [kernel] [virtual] [model]
-#        [model1] [tune] [decode] [attention] [serve] [e2e] ...
+#        [model1] [tune] [decode] [attention] [gemm] [serve] [e2e] ...
 #   test: every GPU test (multi-GPU ones need 2+ GPUs); test1: the tests one GPU can run (the
 #   kernel's virtual ranks among them, alone on the GPU: -n 0). model/tune take MODEL, LAYERS,
 #   TOKENS, SEQS (and model MODES) from the environment; model1 is the prefill on one GPU (the
 #   attention paths); decode (with a per-kernel profile), attention (the decode attention kernel
-#   alone) and serve take MODEL (default llama-3.1-8b there), and serve
+#   alone), gemm (a decode step's GEMMs alone) and serve take MODEL (default llama-3.1-8b there), and serve
 #   WORKLOADS, BUDGETS, ITERS; e2e writes an 8B-shaped checkpoint and times run.py on it.
 set -uo pipefail
 OUT=${OUT:-results}; mkdir -p "$OUT"
@@ -36,6 +36,7 @@ for step in "$@"; do
     tune)   run launch bench.py tune --model "${MODEL:-llama-3.3-70b}" --layers "$LAYERS" --tokens "$TOKENS" \
               --out "$OUT/tune.json" 2>&1 | quiet | tee "$OUT/tune.log"; cp configs/*.json "$OUT/" 2>/dev/null ;;
     decode) run launch bench.py decode --model "${MODEL:-llama-3.1-8b}" --iters "${ITERS:-20}" --profile --out "$OUT/decode-tp$NPROC.json" 2>&1 | quiet | tee "$OUT/decode.log" ;;
+    gemm)   run python3 bench.py gemm --model "${MODEL:-llama-3.1-8b}" --iters 10 --out "$OUT/gemm.json" 2>&1 | tee "$OUT/gemm.log" ;;
     attention) run python3 bench.py attention --model "${MODEL:-llama-3.1-8b}" --iters 20 --out "$OUT/attention.json" 2>&1 | tee "$OUT/attention.log" ;;
     serve)  run launch bench.py serve --model "${MODEL:-llama-3.1-8b}" --workloads "${WORKLOADS:-1000x1024/128,1000xmixed/128}" \
               --budgets "${BUDGETS:-2048,8192}" --iters "${ITERS:-3}" --out "$OUT/serve-tp$NPROC.json" 2>&1 | quiet | tee "$OUT/serve.log" ;;

@@ -607,3 +607,15 @@ def test_cuda_graphs_same_tokens_and_streaming(capsys):
     assert run.main(["--device", "cuda", "--max-new-tokens", "24", "--graphs", "on"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("--- The quick brown fox\n") and "time to first token" in out
+
+
+def test_bench_decode_on_cpu(demo, capsys):
+    """bench.py decode runs on the CPU (eager) on the demo: each figure has a step alone and a step
+    of a pipelined run, as the engine runs them (the next step enqueued before the last one's tokens
+    are read, its tokens carried over on the device)."""
+    import bench
+    assert bench.main(["decode", "--model", str(demo), "--batches", "1,3", "--contexts", "16", "--iters", "2"]) == 0
+    doc = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [r["batch"] for r in doc["rows"]] == [1, 3]
+    for row in doc["rows"]:
+        assert row["eager"]["median"] > 0 and row["eager"]["pipelined"]["median"] > 0
