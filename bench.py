@@ -381,7 +381,7 @@ def cmd_decode(args, d):
     tuning = load_tuning(args, model, d)
     bw = copy_bandwidth(d)
     ours = model.layers[0].attn.decode_kernel
-    modes = args.modes or (["graphs", "graphs-flash", "eager"] if ours else ["graphs", "eager"])
+    modes = args.modes or (["graphs", "graphs-flash", "graphs-cublas", "eager"] if ours else ["graphs", "eager"])
     modes = [m for m in modes if d.device.type == "cuda" or m == "eager"]
     head = ["batch", "context", "floor ms"] + [f"{m} {x}" for m in modes
                                                for x in ("ms", "pipelined ms", "% of floor", "tok/s", "host ms")]
@@ -400,6 +400,9 @@ def cmd_decode(args, d):
             for mode in modes:
                 for layer in model.layers:          # -flash: decode tokens through FlashAttention (the baseline)
                     layer.attn.decode_kernel = ours and not mode.endswith("-flash")
+                    for m in layer.modules():       # -cublas: every GEMM through cuBLAS (the baseline)
+                        if isinstance(m, (llama.ColumnParallel, llama.RowParallel)):
+                            m.ext = None if mode.endswith("-cublas") else model.ext
                 runner = engine.Runner(weave.Weaver(model, backend, "auto", tuning), B * ctx, mode != "eager", ctx)
                 for layer in model.layers:          # never time on zeros
                     for c in (layer.attn.k_cache, layer.attn.v_cache):
@@ -560,17 +563,19 @@ def cmd_attention(args, d):
 
 def cmd_gemm(args, d):
     """A decode step's GEMMs alone, on this rank's shards of the model's weights, through cuBLAS
-    (F.linear, as the model runs them; gate/up with the SwiGLU kernel after it) and through cuBLASLt
-    (addmm with a zero bias routes there). M tokens; us per call of 24 calls replayed from one CUDA
+    (F.linear; gate/up with the SwiGLU kernel after it), through cuBLASLt (addmm with a zero bias
+    routes there) and through the extension's gemv (M <= its limit; gate/up with SwiGLU in its
+    epilogue), as the model runs them at that M. M tokens; us per call of 24 calls replayed from one CUDA
     graph, as a decode step runs them (launch gaps included), each call on another copy of the
     weights so that none is still in L2; against the floor: the weights' bytes at the copy bandwidth."""
     module, cfg = models.config(args.model)
     model = models.build(module.Transformer, dataclasses.replace(cfg, n_layers=1), d, torch.bfloat16).init_random_()
-    layer = model.layers[0]
+    layer, ext = model.layers[0], model.ext
     bw, l2 = copy_bandwidth(d), torch.cuda.get_device_properties(d.device).L2_cache_size
     shapes = {"qkv": layer.attn.qkv.weight, "o_proj": layer.attn.o.weight, "gate_up": layer.mlp.gate_up.weight,
               "down": layer.mlp.down.weight, "lm_head": model.head.weight}
-    head = ["layer", "N x K", "M", "floor us", "cuBLAS us", "cuBLAS % of floor", "cuBLASLt us", "cuBLASLt % of floor"]
+    head = ["layer", "N x K", "M", "floor us"] + [f"{k} {x}" for k in ("cuBLAS", "cuBLASLt", "gemv")
+                                                 for x in ("us", "% of floor")]
     table, rows = [head], []
     g = torch.Generator(d.device).manual_seed(0)
     for name, w in shapes.items():
@@ -579,17 +584,21 @@ def cmd_gemm(args, d):
         copies = [w] + [w.clone() for _ in range(-(-2 * l2 // size))]
         zero = torch.zeros(N, dtype=w.dtype, device=w.device)
         floor = size / bw / 1e3
-        after = (lambda y: llama.swiglu(y, layer.mlp.ext)) if name == "gate_up" else (lambda y: y)   # noqa: E731
+        swiglu = name == "gate_up"
+        after = (lambda y: llama.swiglu(y, ext)) if swiglu else (lambda y: y)   # noqa: E731
         for M in args.batches:
             x = torch.randn(M, K, generator=g, device=d.device).bfloat16()
+            act = torch.empty(M, N // 2 if swiglu else N, dtype=w.dtype, device=w.device)
             fns = {"cublas": lambda w: after(F.linear(x, w)), "lt": lambda w: after(torch.addmm(zero, x, w.t()))}
+            if ext is not None and M <= ext.limits["gemv_max_m"] and name != "lm_head":
+                fns["gemv"] = lambda w: ext.gemv.unchecked(x, w, None, act, swiglu)
             row = {"layer": name, "N": N, "K": K, "M": M, "floor_us": floor}
             row |= {k: graph_us([functools.partial(f, copies[i % len(copies)]) for i in range(24)], args.iters)
                     for k, f in fns.items()}
             rows.append(row)
-            table.append([name, f"{N} x {K}", M, f"{floor:.1f}", f"{row['cublas']:.1f}",
-                          f"{100 * floor / row['cublas']:.0f}%", f"{row['lt']:.1f}", f"{100 * floor / row['lt']:.0f}%"])
-            say(d, f"  {name} {N}x{K} M {M}: floor {floor:.1f} us, cuBLAS {row['cublas']:.1f}, cuBLASLt {row['lt']:.1f}")
+            pct = lambda k: [f"{row[k]:.1f}", f"{100 * floor / row[k]:.0f}%"] if k in row else ["-", "-"]   # noqa: E731
+            table.append([name, f"{N} x {K}", M, f"{floor:.1f}", *pct("cublas"), *pct("lt"), *pct("gemv")])
+            say(d, f"  {name} {N}x{K} M {M}: floor {floor:.1f} us, " + ", ".join(f"{k} {row[k]:.1f}" for k in fns))
         del copies
     return (f"decode GEMMs of {args.model} at TP {d.world}: us per call in a CUDA graph of 24 (gate_up with its "
             f"SwiGLU kernel), median of {args.iters} replays; floor = the weights at {bw:.0f} GB/s "
@@ -874,7 +883,8 @@ def parse_args(argv=None):
     dc.add_argument("--comm", default="auto", help="comm backend (default auto)")
     dc.add_argument("--modes", type=names, default=None, help="graphs (decode steps replayed from CUDA graphs), "
                     "graphs-flash (the same with decode attention through FlashAttention's varlen kernel instead "
-                    "of the extension's), eager; default all three on CUDA")
+                    "of the extension's), graphs-cublas (the same with every GEMM through cuBLAS instead of the "
+                    "extension's gemv for up to 8 tokens), eager; default all four on CUDA")
     dc.add_argument("--hf", action="store_true", help="also time HF transformers' generate at batch 1 with its static "
                     "cache on the same preset shape (random weights; compiles for a minute or more)")
     dc.add_argument("--profile", action="store_true", help="also profile one step per figure: kernels per layer, "
@@ -883,7 +893,7 @@ def parse_args(argv=None):
     at.add_argument("--batches", type=ints, default=[1, 8, 32, 128], help="batch sizes (default 1,8,32,128)")
     at.add_argument("--contexts", type=ints, default=[1024, 8192, 32768],
                     help="keys per sequence (default 1024,8192,32768)")
-    gm = command("gemm", "a decode step's GEMMs alone, cuBLAS and cuBLASLt, vs the floor")
+    gm = command("gemm", "a decode step's GEMMs alone: cuBLAS, cuBLASLt and the extension's gemv, vs the floor")
     gm.add_argument("--batches", type=ints, default=[1, 2, 4, 8, 16, 32, 64, 128],
                     help="tokens M (default 1,2,4,8,16,32,64,128)")
     s = command("serve", "throughput of many prompts through engine.LLM, first run and warm")

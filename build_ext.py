@@ -144,6 +144,7 @@ def load(verbose: bool = False):
         rope_kv_cache=_checked(module.rope_kv_cache, _check_rope, limits),
         decode_attention=_checked(module.decode_attention, _check_decode, limits),
         silu_mul=_checked(module.silu_mul, _check_silu_mul, limits),
+        gemv=_checked(module.gemv, _check_gemv, limits),
         decode_slices=module.decode_slices, resident_ctas=module.resident_ctas, limits=limits, so=module.__file__)
     return _module
 
@@ -266,6 +267,26 @@ def _check_silu_mul(limits, gate_up, out):
     if gate_up.shape != (T, 2 * I) or I % 8:
         raise RuntimeError(f"{op}: gate_up must be [T, 2 I] for out [T, I] with I % 8 == 0; got "
                            f"{tuple(gate_up.shape)} and {tuple(out.shape)}")
+
+
+def _check_gemv(limits, x, w, bias, out, swiglu):
+    op, most = "gemv", limits["gemv_max_m"]
+    for name, t in (("x", x), ("w", w), ("bias", bias), ("out", out)):
+        if t is None and name == "bias":
+            continue
+        if not t.is_cuda or t.dtype != torch.bfloat16 or t.device != x.device or t.data_ptr() % 16 or \
+                t.stride(-1) != 1 or (t.dim() == 2 and t.stride(0) % 8):
+            raise RuntimeError(f"{op}: {name} must be a bfloat16 CUDA tensor on {x.device}, 16-byte aligned, with "
+                               f"contiguous rows a multiple of 8 elements apart")
+    M, (N, K) = x.shape[0], w.shape
+    if x.dim() != 2 or w.dim() != 2 or not w.is_contiguous() or x.shape[1] != K or K % 8 or not 1 <= M <= most:
+        raise RuntimeError(f"{op}: x [M, K] and a contiguous w [N, K] with K % 8 == 0 and 1 <= M <= {most}; got "
+                           f"{tuple(x.shape)} and {tuple(w.shape)}")
+    if swiglu and (N % 2 or bias is not None):
+        raise RuntimeError(f"{op}: with swiglu, w is [gate; up] (an even number of rows, got {N}) and has no bias")
+    if out.shape != (M, N // 2 if swiglu else N) or (bias is not None and bias.shape != (N,)):
+        raise RuntimeError(f"{op}: out must be [{M}, {N // 2 if swiglu else N}] and bias [{N}]; got "
+                           f"{tuple(out.shape)} and {None if bias is None else tuple(bias.shape)}")
 
 
 def _cuda_tool(name: str) -> str:

@@ -110,18 +110,36 @@ def shard(n: int, d: Dist, what: str) -> int:
     return n // d.world
 
 
+def small(x, ext) -> bool:
+    """Few enough tokens (a decode step, a short prompt) for the extension's GEMV, in 16-byte rows."""
+    return ext is not None and x.is_cuda and x.shape[0] <= ext.limits["gemv_max_m"] and x.shape[1] % 8 == 0 \
+        and x.stride(0) % 8 == 0 and x.stride(1) == 1 and x.data_ptr() % 16 == 0
+
+
+def linear(x, weight, ext, bias=None, out=None):
+    """x (T, K) -> x W^T + b (T, N), into out if given: multimem_ops.cu's gemv, a stream over the
+    weights, for a few tokens (ext None: always cuBLAS)."""
+    if small(x, ext):
+        out = x.new_empty(x.shape[0], weight.shape[0]) if out is None else out
+        ext.gemv.unchecked(x, weight, bias, out, False)
+        return out
+    if out is None:
+        return F.linear(x, weight, bias)
+    return torch.addmm(bias, x, weight.t(), out=out) if bias is not None else torch.mm(x, weight.t(), out=out)
+
+
 class ColumnParallel(nn.Module):
     """y = x W^T + b, W's output features split across ranks. Several checkpoint tensors (q, k, v;
     gate, up) can be stacked into one GEMM: each part is sharded on its own."""
 
-    def __init__(self, d: Dist, in_features: int, parts: list, bias: bool = False, what: str = "features"):
+    def __init__(self, d: Dist, in_features: int, parts: list, ext, bias: bool = False, what: str = "features"):
         super().__init__()
-        self.d, self.parts = d, [shard(p, d, what) for p in parts]
+        self.d, self.ext, self.parts = d, ext, [shard(p, d, what) for p in parts]
         self.weight = nn.Parameter(torch.empty(sum(self.parts), in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(sum(self.parts)), requires_grad=False) if bias else None
 
     def forward(self, x):
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.ext, self.bias)
 
     def loader(self, i: int, param: str = "weight"):
         """Loads checkpoint part i: this rank's rows of it."""
@@ -134,13 +152,13 @@ class RowParallel(nn.Module):
     """This rank's partial of y = x W^T, W's input features split across ranks; the sum over
     ranks happens at the comm point. Writes straight into `out` (the comm buffer): no copy."""
 
-    def __init__(self, d: Dist, in_features: int, out_features: int, what: str = "features"):
+    def __init__(self, d: Dist, in_features: int, out_features: int, ext, what: str = "features"):
         super().__init__()
-        self.d, self.n = d, shard(in_features, d, what)
+        self.d, self.ext, self.n = d, ext, shard(in_features, d, what)
         self.weight = nn.Parameter(torch.empty(out_features, self.n), requires_grad=False)
 
     def forward(self, x, out):
-        torch.mm(x, self.weight.t(), out=out)
+        linear(x, self.weight, self.ext, out=out)
 
     def loader(self):
         r, n = self.d.rank, self.n
@@ -254,8 +272,8 @@ class Attention(nn.Module):
                             f"use a TP size that divides {cfg.n_kv_heads}")
         self.nh, self.nkv, self.hd = cfg.n_heads // d.world, cfg.n_kv_heads // d.world, cfg.head_dim
         q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-        self.qkv = ColumnParallel(d, cfg.hidden, [q, kv, kv], bias=cfg.qkv_bias, what="attention heads")
-        self.o = RowParallel(d, q, cfg.hidden, what="attention heads")
+        self.qkv = ColumnParallel(d, cfg.hidden, [q, kv, kv], ext, bias=cfg.qkv_bias, what="attention heads")
+        self.o = RowParallel(d, q, cfg.hidden, ext, what="attention heads")
         self.rope, self.ext, self.cudnn = rope, ext, cudnn   # rope (max_positions, 2, hd), shared by all layers
         # Decode tokens attend through the extension's kernel where it fits the shape.
         self.decode_kernel = ext is not None and self.hd == ext.limits["decode_head_dim"] and \
@@ -386,12 +404,17 @@ class MLP(nn.Module):
     def __init__(self, cfg: Config, d: Dist, ext):
         super().__init__()
         self.ext = ext
-        self.gate_up = ColumnParallel(d, cfg.hidden, [cfg.intermediate] * 2, what="MLP features")
-        self.down = RowParallel(d, cfg.intermediate, cfg.hidden, what="MLP features")
+        self.gate_up = ColumnParallel(d, cfg.hidden, [cfg.intermediate] * 2, ext, what="MLP features")
+        self.down = RowParallel(d, cfg.intermediate, cfg.hidden, ext, what="MLP features")
 
     def forward(self, h, batch: Batch):
         """h (T, H): x in, this rank's partial of down_proj out."""
-        self.down(swiglu(self.gate_up(h), self.ext), out=h)                  # (T, 2I/N) -> (T, I/N) -> (T, H)
+        if small(h, self.gate_up.ext):    # the activation in the gate/up GEMM's epilogue: the same bits
+            act = h.new_empty(h.shape[0], self.down.n)                        # (T, I/N)
+            self.ext.gemv.unchecked(h, self.gate_up.weight, None, act, True)
+        else:
+            act = swiglu(self.gate_up(h), self.ext)                           # (T, 2I/N) -> (T, I/N)
+        self.down(act, out=h)                                                 # (T, H)
 
     def loaders(self, p: str) -> dict:
         return {f"{p}.gate_proj.weight": self.gate_up.loader(0), f"{p}.up_proj.weight": self.gate_up.loader(1),
@@ -423,7 +446,8 @@ class Transformer(nn.Module):
         if why and d.device.type == "cuda" and d.rank == 0:
             warnings.warn(f"cuDNN attention unavailable ({why}); long prompts use FlashAttention (slower)", stacklevel=2)
         rope = rope_table(cfg, cfg.max_positions, dtype, d.device)
-        ext = load_ext(d) if dtype == torch.bfloat16 and cfg.head_dim % 8 == 0 else None   # attention, SwiGLU
+        ext = load_ext(d) if dtype == torch.bfloat16 and cfg.head_dim % 8 == 0 else None   # attention, MLP, GEMV
+        self.ext = ext
         self.embed_tokens = VocabParallel(d, cfg.vocab, cfg.hidden)
         self.layers = nn.ModuleList(Layer(cfg, d, self.MLP, rope, ext, not why) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.hidden, cfg.eps)

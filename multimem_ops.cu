@@ -1,6 +1,6 @@
 /*
 TokenWeave kernels: AllReduce + residual add + RMSNorm in one kernel, the local add + RMSNorm, and
-the attention a decode step needs (RoPE + cache write, decode attention).
+what a decode step needs (RoPE + cache write, decode attention, small-batch GEMMs).
 
 What it computes (bf16 in and out, fp32 math, HF transformers' RMSNorm):
     r  = bf16( float(sum over ranks of partial) + float(residual) )     residual <- r
@@ -33,6 +33,8 @@ Kernels:
                                     cache, on the tensor cores, long sequences split over the keys
                                     and merged by their log-sum-exp (see below).
   silu_mul                          SwiGLU's activation, silu(gate) * up, in one pass.
+  gemv                              a decode step's GEMMs (up to 8 tokens) as one stream over the
+                                    weights; optionally with SwiGLU's activation in its epilogue.
 
 Build:
   JIT, as the project uses it:     python build_ext.py      (torch.utils.cpp_extension, sm_90a)
@@ -633,14 +635,20 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* 
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(p)));
 }
 
-// d (16x8 fp32) += a (16x16 bf16) b (16x8 bf16). Lane l = 4 g + t holds a's (row g, k 2t..2t+1)
-// in a0 and (row g, k 2t+8..2t+9) in a2; rows 8..15 (a1, a3) are zero here. b0: (k 2t..2t+1,
-// column g), b1: (k 2t+8..2t+9, column g). d0, d1: (row g, columns 2t, 2t+1); d2, d3 stay zero.
-__device__ __forceinline__ void mma_rows8(float (&d)[4], uint32_t a0, uint32_t a2, uint32_t b0, uint32_t b1) {
+// d (16x8 fp32) += a (16x16 bf16) b (16x8 bf16). Lane l = 4 g + t holds a's (row g, k 2t..2t+1) in
+// a0, (row g + 8, k 2t..2t+1) in a1, (row g, k 2t+8..2t+9) in a2 and (row g + 8, k 2t+8..2t+9) in a3;
+// b0: (k 2t..2t+1, column g), b1: (k 2t+8..2t+9, column g); d0, d1: (row g, columns 2t, 2t+1),
+// d2, d3: (row g + 8, columns 2t, 2t+1).
+__device__ __forceinline__ void mma_16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                          uint32_t b0, uint32_t b1) {
   asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
                "{%8,%9}, {%0,%1,%2,%3};"
                : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-               : "r"(a0), "r"(0u), "r"(a2), "r"(0u), "r"(b0), "r"(b1));
+               : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+// The same with rows 8..15 of a zero (d2, d3 stay zero): attention's G <= 8 query heads.
+__device__ __forceinline__ void mma_rows8(float (&d)[4], uint32_t a0, uint32_t a2, uint32_t b0, uint32_t b1) {
+  mma_16816(d, a0, 0u, a2, 0u, b0, b1);
 }
 
 // Slices of a sequence of len keys (>= 1): a function of len only (see above).
@@ -867,6 +875,131 @@ cudaError_t launch_decode_attention(const DecodeParams& p, cudaStream_t stream) 
   return cudaSuccess;
 }
 
+// ---------------------------------------------------------------------------------------------
+// Decode GEMM: out [M, N] = x [M, K] W^T (+ bias) for a Linear's weight W [N, K] and M <= 8 tokens,
+// bf16 in and out, fp32 sums. With so few tokens every weight is used M times and read once: the
+// kernel is a stream over W and only has to keep enough bytes in flight. In a decode step cuBLAS
+// reads the narrow layers of the 8B shape (qkv, o_proj) at 60-75% of the bandwidth, o_proj through a
+// split-K pass and a reduce kernel (bench.py gemm); this kernel has no second pass.
+// CTA b takes 16 rows of W, and its 16 warps split K into 64-column chunks (warp w: chunks w, w + 16,
+// ...), summed in shared memory in warp order. Within a warp the 16 rows are the A operand of mma
+// m16n8k16 and the tokens its B operand (8 columns), both loaded from global memory straight into the
+// fragments: lane 4g + t holds columns 8t..8t+7 and 32+8t..32+8t+7 of the chunk of rows g and g + 8,
+// and the same columns of token g. So each load instruction reads whole 32-byte sectors (64
+// contiguous bytes of each of 8 rows), and the fragment's k-slots hold other columns than the mma's
+// nominal ones, but the same columns in A and in B: a dot product does not care which slot a column
+// is in. Weights bypass L1 (each is read once); x is read through L1, where every warp of an SM
+// finds it. A token's outputs depend on its own x only, the same bits at any M (the mma computes
+// each column alone), so a sequence decodes alike whatever else is in the step.
+// SWIGLU: W is [gate; up] ([2I, K], as the MLP stacks them). CTA b takes gate rows 8b..8b+7 as rows
+// 0..7 and the up rows I + 8b.. as rows 8..15, and writes out [M, I] = silu(gate) * up with each
+// GEMM output rounded to bf16 first and then silu_mul's rounding: the bits of gemv, then silu_mul.
+
+namespace gemv {
+// 16 warps a CTA: the narrow layers have few CTAs (o_proj: 256, two an SM), and each warp only a
+// few loads in flight, so it takes many warps an SM to keep the ~30 KB an SM in flight that HBM needs.
+constexpr int WARPS = 16, THREADS = 32 * WARPS;
+constexpr int ROWS = 16;                   // rows of W a CTA
+constexpr int CHUNK = 64;                  // columns a warp takes at a time
+constexpr int UNROLL = 2;                  // chunks a warp loads at once (4 KB)
+constexpr int MAX_M = 8;                   // tokens: the mma's 8 columns
+}  // namespace gemv
+
+struct GemvParams {
+  const __nv_bfloat16* x;          // [M, K], rows ldx elements apart
+  const __nv_bfloat16* w;          // [N, K]
+  const __nv_bfloat16* bias;       // [N] or null (not with SWIGLU)
+  __nv_bfloat16* out;              // [M, N], or [M, N / 2] with SWIGLU; rows ldo elements apart
+  int M, N, K, ldx, ldo;
+};
+
+// 16 bytes of weights, read once: not kept in L1 (x lives there).
+__device__ __forceinline__ uint4 ld_stream(const __nv_bfloat16* p) {
+  uint4 v;
+  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  return v;
+}
+
+template <bool SWIGLU>
+__global__ void __launch_bounds__(gemv::THREADS) gemv_kernel(const GemvParams p) {
+  using namespace gemv;
+  __shared__ float sums[WARPS][4][32];           // each warp's accumulators, [register][lane]
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const int cols = SWIGLU ? p.N / 2 : p.N;       // of out
+  // This lane's two rows of W. Rows past the end are clamped onto the last: computed, never stored.
+  const int n0 = SWIGLU ? min(blockIdx.x * 8 + g, cols - 1) : min(blockIdx.x * ROWS + g, p.N - 1);
+  const int n1 = SWIGLU ? n0 + cols : min(blockIdx.x * ROWS + g + 8, p.N - 1);
+  const __nv_bfloat16* w0 = p.w + static_cast<size_t>(n0) * p.K + 8 * t;
+  const __nv_bfloat16* w1 = p.w + static_cast<size_t>(n1) * p.K + 8 * t;
+  const __nv_bfloat16* xg = p.x + static_cast<size_t>(g) * p.ldx + 8 * t;   // token g's row (g < M)
+  const uint4 zero = make_uint4(0, 0, 0, 0);
+  const int chunks = (p.K + CHUNK - 1) / CHUNK;
+  float acc[4] = {};
+  for (int c0 = warp; c0 < chunks; c0 += WARPS * UNROLL) {
+    uint4 a[UNROLL][4], b[UNROLL][2];            // rows g and g + 8, and token g; columns 8t.., 32 + 8t..
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {           // K % 8 == 0: a vector lies all in K or all out
+      const int c = c0 + u * WARPS, k = c * CHUNK;
+      const bool lo = c < chunks && k + 8 * t < p.K, hi = c < chunks && k + 32 + 8 * t < p.K;
+      a[u][0] = lo ? ld_stream(w0 + k) : zero;
+      a[u][1] = hi ? ld_stream(w0 + k + 32) : zero;
+      a[u][2] = lo ? ld_stream(w1 + k) : zero;
+      a[u][3] = hi ? ld_stream(w1 + k + 32) : zero;
+    }
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+      const int c = c0 + u * WARPS, k = c * CHUNK;
+      b[u][0] = g < p.M && c < chunks && k + 8 * t < p.K ? __ldg(reinterpret_cast<const uint4*>(xg + k)) : zero;
+      b[u][1] = g < p.M && c < chunks && k + 32 + 8 * t < p.K ? __ldg(reinterpret_cast<const uint4*>(xg + k + 32)) : zero;
+    }
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+      mma_16816(acc, a[u][0].x, a[u][2].x, a[u][0].y, a[u][2].y, b[u][0].x, b[u][0].y);
+      mma_16816(acc, a[u][0].z, a[u][2].z, a[u][0].w, a[u][2].w, b[u][0].z, b[u][0].w);
+      mma_16816(acc, a[u][1].x, a[u][3].x, a[u][1].y, a[u][3].y, b[u][1].x, b[u][1].y);
+      mma_16816(acc, a[u][1].z, a[u][3].z, a[u][1].w, a[u][3].w, b[u][1].z, b[u][1].w);
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < 4; ++r) sums[warp][r][lane] = acc[r];
+  __syncthreads();
+  // Thread (r, l) sums register r of lane l over the warps, in warp order: row g(l) + 8 (r / 2) of
+  // the CTA, token 2 t(l) + r % 2. With SWIGLU, registers 0, 1 (gate) pair with 2, 3 (up).
+  const int r = threadIdx.x / 32, l = threadIdx.x % 32, m = 2 * (l % 4) + r % 2;
+  if (r >= (SWIGLU ? 2 : 4) || m >= p.M) return;
+  float s = 0.0f, s_up = 0.0f;
+#pragma unroll
+  for (int w = 0; w < WARPS; ++w) {
+    s += sums[w][r][l];
+    if (SWIGLU) s_up += sums[w][r + 2][l];
+  }
+  if (SWIGLU) {
+    const int n = blockIdx.x * 8 + l / 4;
+    if (n >= cols) return;
+    const float gate = __bfloat162float(__float2bfloat16_rn(s));
+    const float up = __bfloat162float(__float2bfloat16_rn(s_up));
+    const float silu = __bfloat162float(__float2bfloat16_rn(gate / (1.0f + expf(-gate))));
+    p.out[static_cast<size_t>(m) * p.ldo + n] = __float2bfloat16_rn(silu * up);
+  } else {
+    const int n = blockIdx.x * ROWS + l / 4 + 8 * (r / 2);
+    if (n >= p.N) return;
+    if (p.bias) s += __bfloat162float(p.bias[n]);
+    p.out[static_cast<size_t>(m) * p.ldo + n] = __float2bfloat16_rn(s);
+  }
+}
+
+cudaError_t launch_gemv(const GemvParams& p, bool swiglu, cudaStream_t stream) {
+  if (p.M < 1 || p.M > gemv::MAX_M || p.N < 1 || p.K < 8 || p.K % 8 || (swiglu && (p.N % 2 || p.bias)))
+    return cudaErrorInvalidValue;
+  const unsigned grid = swiglu ? (p.N / 2 + 7) / 8 : (p.N + gemv::ROWS - 1) / gemv::ROWS;
+  if (swiglu)
+    gemv_kernel<true><<<grid, gemv::THREADS, 0, stream>>>(p);
+  else
+    gemv_kernel<false><<<grid, gemv::THREADS, 0, stream>>>(p);
+  return cudaSuccess;
+}
+
 }  // namespace tw
 
 // ---------------------------------------------------------------------------------------------
@@ -882,6 +1015,7 @@ cudaError_t launch_decode_attention(const DecodeParams& p, cudaStream_t stream) 
 #include <torch/csrc/utils/pybind.h>
 
 #include <map>
+#include <optional>
 #include <string>
 
 namespace {
@@ -992,6 +1126,22 @@ std::string silu_mul(at::Tensor gate_up, at::Tensor out) {
                                                     c10::cuda::getCurrentCUDAStream()));
 }
 
+std::string gemv(at::Tensor x, at::Tensor w, std::optional<at::Tensor> bias, at::Tensor out, bool swiglu) {
+  if (x.size(0) == 0) return "";
+  tw::GemvParams p{};
+  p.x = static_cast<const __nv_bfloat16*>(x.data_ptr());
+  p.w = static_cast<const __nv_bfloat16*>(w.data_ptr());
+  p.bias = bias ? static_cast<const __nv_bfloat16*>(bias->data_ptr()) : nullptr;
+  p.out = static_cast<__nv_bfloat16*>(out.data_ptr());
+  p.M = static_cast<int>(x.size(0));
+  p.N = static_cast<int>(w.size(0));
+  p.K = static_cast<int>(w.size(1));
+  p.ldx = static_cast<int>(x.stride(0));
+  p.ldo = static_cast<int>(out.stride(0));
+  const c10::cuda::CUDAGuard guard(x.device());
+  return cuda_error("gemv", tw::launch_gemv(p, swiglu, c10::cuda::getCurrentCUDAStream()));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -1029,6 +1179,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_mul", &silu_mul,
         "out [T, I] <- bf16(bf16(silu(gate)) * up) for gate_up [T, 2I] = [gate | up]; I % 8 == 0",
         py::arg("gate_up"), py::arg("out"));
+  m.def("gemv", &gemv,
+        "out [M, N] <- x [M, K] w^T (+ bias [N]) for M <= gemv_max_m tokens (rows of x and out may be "
+        "strided, 16-byte aligned); swiglu: w is [gate; up] [2I, K], out [M, I] <- silu(gate) * up; "
+        "K % 8 == 0",
+        py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("out"), py::arg("swiglu"));
   m.def("resident_ctas", [](int64_t hidden, int64_t world) {
     return tw::resident_ctas(static_cast<int>(hidden / 8), static_cast<int>(world));
   }, "CTAs of the p2p fused kernel (this hidden and world size) the current GPU holds at once",
@@ -1036,7 +1191,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("limits", [] {
     return std::map<std::string, int>{{"max_ctas", tw::MAX_CTAS}, {"max_peers", tw::MAX_PEERS},
                                       {"max_hidden", tw::MAX_HIDDEN}, {"decode_head_dim", tw::attn::HD},
-                                      {"decode_max_group", tw::attn::MAX_G}};
+                                      {"decode_max_group", tw::attn::MAX_G},
+                                      {"gemv_max_m", tw::gemv::MAX_M}};
   }, "The kernels' limits, which build_ext.py checks arguments against");
 }
 #endif  // TW_NO_TORCH

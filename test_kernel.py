@@ -2,7 +2,7 @@
 and 4 GPUs, driven through comm.FusedComm as the model drives it and checked against NCCL's sum and
 comm.add_rmsnorm_ (the reference op); on one GPU, the same kernel's protocol with 2, 4 and 8
 virtual ranks (comm.VirtualRanks), the local fused add + RMSNorm, the RoPE + KV-cache kernel, the
-decode attention and SwiGLU's activation.
+decode attention, SwiGLU's activation and the decode GEMM.
 
 Skipped, with the reason, without a Hopper GPU, nvcc, or enough GPUs. Multi-GPU tests spawn one
 process per GPU (conftest.run_tp); a failure on any rank fails the test with that rank's traceback.
@@ -440,3 +440,44 @@ def test_silu_mul(T, I):
     assert torch.equal(out, torch.nn.functional.silu(gate) * up)
     with pytest.raises(RuntimeError, match="I % 8 == 0"):
         ops.silu_mul(gate_up[:, :12].contiguous(), out[:, :6].contiguous())
+
+
+# (N, K): the 8B shape's qkv, o_proj, gate/up and down at TP 1, their TP 4 shards, and odd sizes (N
+# not a multiple of the CTA's 16 rows, K not of the 64-column chunk nor of 32).
+@pytest.mark.parametrize("N,K", [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (1536, 4096),
+                                 (4096, 1024), (4096, 3584), (40, 8), (24, 200), (1000, 1032)])
+def test_gemv(N, K):
+    """The decode GEMM against fp32: within bf16 rounding and no worse than cuBLAS, at every token
+    count it takes (x a strided view), with and without a bias. A token's row is bitwise the same at
+    any M. The SwiGLU epilogue is bitwise gemv followed by silu_mul."""
+    ops = build_ext.load()
+    g = torch.Generator("cuda").manual_seed(N + K)
+    most = ops.limits["gemv_max_m"]
+    w = (torch.randn(N, K, generator=g, device="cuda") / K ** 0.5).bfloat16()
+    bias = torch.randn(N, generator=g, device="cuda").bfloat16()
+    xs = torch.randn(most, K + 16, generator=g, device="cuda").bfloat16()
+    x = xs[:, 8:K + 8]                                 # rows K + 16 apart, 16-byte aligned
+    first = {}
+    for M in range(1, most + 1):
+        for b in (None, bias):
+            out = torch.full((M, N), float("nan"), device="cuda").bfloat16()
+            ops.gemv(x[:M], w, b, out, False)
+            want = x[:M].float() @ w.float().t() + (0 if b is None else b.float())
+            cublas = torch.nn.functional.linear(x[:M], w, b).float()
+            err = ((out.float() - want).norm() / want.norm()).item()
+            cublas_err = ((cublas - want).norm() / want.norm()).item()
+            assert err < 8e-3 and err <= 1.2 * cublas_err + 1e-4, (M, b is None, err, cublas_err)
+            first.setdefault(b is None, out[:1].clone())
+            assert torch.equal(out[:1], first[b is None]), f"token 0's row changed with M = {M}"
+    if N % 16 == 0:                                    # silu_mul's I % 8 == 0
+        for M in (1, 5, most):
+            act = torch.full((M, N // 2), float("nan"), device="cuda").bfloat16()
+            ops.gemv(x[:M], w, None, act, True)
+            plain = torch.empty(M, N, dtype=BF16, device="cuda")
+            ops.gemv(x[:M], w, None, plain, False)
+            want = torch.empty_like(act)
+            ops.silu_mul(plain, want)
+            assert torch.equal(act, want), f"swiglu epilogue, M = {M}"
+    with pytest.raises(RuntimeError, match=f"1 <= M <= {most}"):
+        ops.gemv(xs[:, :K].repeat(2, 1).contiguous(), w, None, torch.empty(2 * most, N, dtype=BF16, device="cuda"),
+                 False)
