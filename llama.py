@@ -117,15 +117,14 @@ def small(x, ext) -> bool:
 
 
 def linear(x, weight, ext, bias=None, out=None):
-    """x (T, K) -> x W^T + b (T, N), into out if given: multimem_ops.cu's gemv, a stream over the
+    """x (T, K) -> x W^T + b (T, N), or x W^T into out: multimem_ops.cu's gemv, a stream over the
     weights, for a few tokens (ext None: always cuBLAS)."""
+    assert bias is None or out is None, "a bias or an out, not both"
     if small(x, ext):
         out = x.new_empty(x.shape[0], weight.shape[0]) if out is None else out
         ext.gemv.unchecked(x, weight, bias, out, False)
         return out
-    if out is None:
-        return F.linear(x, weight, bias)
-    return torch.addmm(bias, x, weight.t(), out=out) if bias is not None else torch.mm(x, weight.t(), out=out)
+    return F.linear(x, weight, bias) if out is None else torch.mm(x, weight.t(), out=out)
 
 
 class ColumnParallel(nn.Module):
