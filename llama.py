@@ -410,7 +410,7 @@ class MLP(nn.Module):
         """h (T, H): x in, this rank's partial of down_proj out."""
         if small(h, self.gate_up.ext):    # the activation in the gate/up GEMM's epilogue: the same bits
             act = h.new_empty(h.shape[0], self.down.n)                        # (T, I/N)
-            self.ext.gemv.unchecked(h, self.gate_up.weight, None, act, True)
+            self.gate_up.ext.gemv.unchecked(h, self.gate_up.weight, None, act, True)
         else:
             act = swiglu(self.gate_up(h), self.ext)                           # (T, 2I/N) -> (T, I/N)
         self.down(act, out=h)                                                 # (T, H)
