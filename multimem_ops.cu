@@ -801,32 +801,49 @@ __global__ void __launch_bounds__(attn::THREADS) decode_attention_kernel(const D
   }
 }
 
-// One CTA per (sequence, query head), thread d: the slices weighted by their share of the softmax
-// sum, exp2(lse_s - max lse), in slice order. An empty slice (the last ones of a sequence whose
-// slices round up to whole tiles) holds O = 0 and lse = -inf: weight 0, no branch, so every load
-// of a thread is in flight at once. A kernel of its own: merging in the last CTA of each sequence
-// (a counter, a fence) cost more than this launch, at batch 1 and at batch 128 (H200).
-__global__ void __launch_bounds__(attn::HD) decode_combine_kernel(const DecodeParams p) {
+// The slices of each (sequence, query head) row weighted by their share of the softmax sum,
+// exp2(lse_s - max lse), in slice order. Thread (row, i) takes dims 4i..4i+3 of a row, 8 rows a CTA,
+// so that every load is 16 bytes. Slots past this sequence's slices, and the last slices of a
+// sequence whose slices round up to whole tiles (O = 0, lse = -inf), weigh 0. A kernel of its own:
+// merging in the last CTA of each sequence (a counter, a fence) cost more than this launch, at
+// batch 1 and at batch 128 (H200). S: the slots a thread holds, at least the grid's p.slices, so
+// that a short context's merge keeps 4 slices in registers (32 a thread), not 16 (93).
+constexpr int COMBINE_ROWS = 8, COMBINE_THREADS = COMBINE_ROWS * attn::HD / 4;
+
+template <int S>
+__global__ void __launch_bounds__(COMBINE_THREADS) decode_combine_kernel(const DecodeParams p) {
   using namespace attn;
-  const size_t row = blockIdx.x, slice_rows = static_cast<size_t>(p.batch) * p.nh;
+  const size_t row = static_cast<size_t>(blockIdx.x) * COMBINE_ROWS + threadIdx.x / (HD / 4);
+  const size_t slice_rows = static_cast<size_t>(p.batch) * p.nh;
+  const int i = threadIdx.x % (HD / 4);
+  if (row >= slice_rows) return;
   const int slices = slices_for(p.kv_lens[row / p.nh]);
   if (slices == 1) return;   // written by the attention kernel itself
-  float o[MAX_SLICES], lse[MAX_SLICES];
+  float4 o[S];
+  float lse[S];
 #pragma unroll
-  for (int s = 0; s < MAX_SLICES; ++s) {
-    o[s] = s < slices ? p.part_o[(s * slice_rows + row) * HD + threadIdx.x] : 0.f;
-    lse[s] = s < slices ? p.part_lse[s * slice_rows + row] : -INFINITY;
+  for (int s = 0; s < S; ++s) {
+    const bool live = s < slices;   // s < p.slices too: part_o holds p.slices slices
+    o[s] = live ? reinterpret_cast<const float4*>(p.part_o + (s * slice_rows + row) * HD)[i]
+                : make_float4(0.f, 0.f, 0.f, 0.f);
+    lse[s] = live ? p.part_lse[s * slice_rows + row] : -INFINITY;
   }
-  float M = lse[0], L = 0.f, O = 0.f;   // slice 0 is never empty
+  float M = lse[0];   // slice 0 is never empty
 #pragma unroll
-  for (int s = 1; s < MAX_SLICES; ++s) M = fmaxf(M, lse[s]);
+  for (int s = 1; s < S; ++s) M = fmaxf(M, lse[s]);
+  float L = 0.f;
+  float4 O = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll
-  for (int s = 0; s < MAX_SLICES; ++s) {
+  for (int s = 0; s < S; ++s) {
     const float c = exp2f(lse[s] - M);
     L += c;
-    O += c * o[s];
+    O.x += c * o[s].x;
+    O.y += c * o[s].y;
+    O.z += c * o[s].z;
+    O.w += c * o[s].w;
   }
-  p.out[row * HD + threadIdx.x] = __float2bfloat16_rn(O / L);
+  reinterpret_cast<uint2*>(p.out + row * HD)[i] =
+      make_uint2(pack_bf16x2(O.x / L, O.y / L), pack_bf16x2(O.z / L, O.w / L));
 }
 
 template <int STAGES, typename F>
@@ -855,13 +872,13 @@ cudaError_t launch_decode_attention(const DecodeParams& p, cudaStream_t stream) 
     int device = 0;
     cudaError_t e = cudaGetDevice(&device);
     if (e == cudaSuccess) e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+    const auto opt_in = [&](auto kernel, int stages) {
+      if (e == cudaSuccess)
+        e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, attn::smem_bytes(stages));
+    };
     for (int g = 1; g <= attn::MAX_G; ++g) {
-      with_decode_kernel<2>(g, [&](auto kernel) {
-        if (e == cudaSuccess) e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, attn::smem_bytes(2));
-      });
-      with_decode_kernel<4>(g, [&](auto kernel) {
-        if (e == cudaSuccess) e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, attn::smem_bytes(4));
-      });
+      with_decode_kernel<2>(g, [&](auto kernel) { opt_in(kernel, 2); });
+      with_decode_kernel<4>(g, [&](auto kernel) { opt_in(kernel, 4); });
     }
     return e;
   }();
@@ -871,7 +888,13 @@ cudaError_t launch_decode_attention(const DecodeParams& p, cudaStream_t stream) 
     with_decode_kernel<4>(group, [&](auto k) { k<<<grid, attn::THREADS, attn::smem_bytes(4), stream>>>(p); });
   else
     with_decode_kernel<2>(group, [&](auto k) { k<<<grid, attn::THREADS, attn::smem_bytes(2), stream>>>(p); });
-  if (p.slices > 1) decode_combine_kernel<<<p.batch * p.nh, attn::HD, 0, stream>>>(p);
+  if (p.slices > 1) {
+    const unsigned rows = static_cast<unsigned>(p.batch) * p.nh;
+    const unsigned grid = (rows + COMBINE_ROWS - 1) / COMBINE_ROWS;
+    const auto kernel = p.slices <= 2 ? decode_combine_kernel<2> : p.slices <= 4 ? decode_combine_kernel<4>
+                      : p.slices <= 8 ? decode_combine_kernel<8> : decode_combine_kernel<attn::MAX_SLICES>;
+    kernel<<<grid, COMBINE_THREADS, 0, stream>>>(p);
+  }
   return cudaSuccess;
 }
 

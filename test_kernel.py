@@ -418,6 +418,10 @@ def test_decode_attention(nh, nkv):
     for b in (3, 9):   # alone, the grid fits the SMs and the kernel keeps 4 tiles in flight, not 2
         alone = run(q[b:b + 1], starts_t[b:b + 1], lens_t[b:b + 1], lens[b])
         assert torch.equal(alone, runs[max(lens)][b:b + 1]), f"sequence {b} alone differs from the same in a batch"
+    for cap in (300, 1000, 2000):      # a grid of 2, 4, 8 slices: the merge holds fewer slots
+        sel = [b for b in range(B) if lens[b] <= cap]
+        part = run(q[sel], starts_t[sel], lens_t[sel], cap)
+        assert torch.equal(part, runs[max(lens)][sel]), f"max_k {cap} changed the bits"
     with pytest.raises(RuntimeError, match="kv_lens must be in"):
         run(q, starts_t, lens_t, 100)
     if (nh, nkv) != (8, 1):
