@@ -145,6 +145,7 @@ def load(verbose: bool = False):
         decode_attention=_checked(module.decode_attention, _check_decode, limits),
         silu_mul=_checked(module.silu_mul, _check_silu_mul, limits),
         gemv=_checked(module.gemv, _check_gemv, limits),
+        gemv_rope=_checked(module.gemv_rope, _check_gemv_rope, limits),
         decode_slices=module.decode_slices, resident_ctas=module.resident_ctas, limits=limits, so=module.__file__)
     return _module
 
@@ -209,22 +210,30 @@ def _check_allreduce(limits, buf, peer_bufs, multicast_ptr, peer_flags, rank, re
 
 def _check_rope(limits, qkv, rope, positions, kv_rows, k_cache, v_cache):
     op = "rope_kv_cache"
-    for name, t, dtype in [("qkv", qkv, torch.bfloat16), ("rope", rope, torch.bfloat16), ("positions", positions, torch.int32),
-                           ("kv_rows", kv_rows, torch.int32), ("k_cache", k_cache, torch.bfloat16),
-                           ("v_cache", v_cache, torch.bfloat16)]:
-        if not t.is_cuda or t.dtype != dtype or not t.is_contiguous() or t.device != qkv.device:
-            raise RuntimeError(f"{op}: {name} must be a contiguous {dtype} CUDA tensor on {qkv.device}, "
-                               f"got {t.dtype} on {t.device}, contiguous={t.is_contiguous()}")
-    if k_cache.dim() != 3 or v_cache.shape != k_cache.shape or k_cache.shape[2] % 8:
-        raise RuntimeError(f"{op}: k_cache and v_cache must be [rows, nkv, hd] alike with hd % 8 == 0, "
-                           f"got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
-    nkv, hd = k_cache.shape[1:]
-    T = qkv.shape[0]
+    if not qkv.is_cuda or qkv.dtype != torch.bfloat16 or not qkv.is_contiguous():
+        raise RuntimeError(f"{op}: qkv must be a contiguous bfloat16 CUDA tensor, got {qkv.dtype} on {qkv.device}, "
+                           f"contiguous={qkv.is_contiguous()}")
+    nkv, hd = _check_rope_operands(op, qkv.device, qkv.shape[0], rope, positions, kv_rows, k_cache, v_cache, 8)
     if qkv.dim() != 2 or qkv.shape[1] % hd or qkv.shape[1] // hd <= 2 * nkv:
         raise RuntimeError(f"{op}: qkv must be [T, (nh + 2 * {nkv}) * {hd}], got {tuple(qkv.shape)}")
+
+
+def _check_rope_operands(op, device, T, rope, positions, kv_rows, k_cache, v_cache, hd_multiple):
+    """The RoPE table, the tokens' positions and cache rows, and the caches: (nkv, hd)."""
+    for name, t, dtype in [("rope", rope, torch.bfloat16), ("positions", positions, torch.int32),
+                           ("kv_rows", kv_rows, torch.int32), ("k_cache", k_cache, torch.bfloat16),
+                           ("v_cache", v_cache, torch.bfloat16)]:
+        if not t.is_cuda or t.dtype != dtype or not t.is_contiguous() or t.device != device:
+            raise RuntimeError(f"{op}: {name} must be a contiguous {dtype} CUDA tensor on {device}, "
+                               f"got {t.dtype} on {t.device}, contiguous={t.is_contiguous()}")
+    if k_cache.dim() != 3 or v_cache.shape != k_cache.shape or k_cache.shape[2] % hd_multiple:
+        raise RuntimeError(f"{op}: k_cache and v_cache must be [rows, nkv, hd] alike with hd % {hd_multiple} == 0, "
+                           f"got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    nkv, hd = k_cache.shape[1:]
     if positions.shape != (T,) or kv_rows.shape != (T,) or rope.dim() != 3 or rope.shape[1:] != (2, hd):
         raise RuntimeError(f"{op}: positions and kv_rows must be [{T}], rope [max_len, 2, {hd}]; got "
                            f"{tuple(positions.shape)}, {tuple(kv_rows.shape)}, {tuple(rope.shape)}")
+    return nkv, hd
 
 
 def _check_decode(limits, q, k_cache, v_cache, kv_starts, kv_lens, out, part_o, part_lse, max_k, scale):
@@ -270,7 +279,27 @@ def _check_silu_mul(limits, gate_up, out):
 
 
 def _check_gemv(limits, x, w, bias, out, swiglu):
-    op, most = "gemv", limits["gemv_max_m"]
+    op = "gemv"
+    M, N = _check_gemv_operands(op, limits, x, w, bias, out)
+    if swiglu and (N % 2 or bias is not None):
+        raise RuntimeError(f"{op}: with swiglu, w is [gate; up] (an even number of rows, got {N}) and has no bias")
+    if out.shape != (M, N // 2 if swiglu else N):
+        raise RuntimeError(f"{op}: out must be [{M}, {N // 2 if swiglu else N}]; got {tuple(out.shape)}")
+
+
+def _check_gemv_rope(limits, x, w, bias, q, rope, positions, kv_rows, k_cache, v_cache):
+    op = "gemv_rope"
+    M, N = _check_gemv_operands(op, limits, x, w, bias, q)
+    nkv, hd = _check_rope_operands(op, x.device, M, rope, positions, kv_rows, k_cache, v_cache, 16)
+    nh = q.shape[1] // hd if q.dim() == 2 else 0
+    if q.dim() != 2 or q.shape[1] % hd or nh < 1 or N != (nh + 2 * nkv) * hd:
+        raise RuntimeError(f"{op}: q must be [{M}, nh * {hd}] for w [(nh + 2 * {nkv}) * {hd}, K]; got "
+                           f"{tuple(q.shape)} and {tuple(w.shape)}")
+
+
+def _check_gemv_operands(op, limits, x, w, bias, out):
+    """x [M, K], w [N, K], bias [N] or None, a 2-D out: (M, N)."""
+    most = limits["gemv_max_m"]
     for name, t in (("x", x), ("w", w), ("bias", bias), ("out", out)):
         if t is None and name == "bias":
             continue
@@ -282,11 +311,10 @@ def _check_gemv(limits, x, w, bias, out, swiglu):
     if x.dim() != 2 or w.dim() != 2 or not w.is_contiguous() or x.shape[1] != K or K % 8 or not 1 <= M <= most:
         raise RuntimeError(f"{op}: x [M, K] and a contiguous w [N, K] with K % 8 == 0 and 1 <= M <= {most}; got "
                            f"{tuple(x.shape)} and {tuple(w.shape)}")
-    if swiglu and (N % 2 or bias is not None):
-        raise RuntimeError(f"{op}: with swiglu, w is [gate; up] (an even number of rows, got {N}) and has no bias")
-    if out.shape != (M, N // 2 if swiglu else N) or (bias is not None and bias.shape != (N,)):
-        raise RuntimeError(f"{op}: out must be [{M}, {N // 2 if swiglu else N}] and bias [{N}]; got "
-                           f"{tuple(out.shape)} and {None if bias is None else tuple(bias.shape)}")
+    if out.dim() != 2 or (bias is not None and bias.shape != (N,)):
+        raise RuntimeError(f"{op}: out must be 2-D and bias [{N}]; got {tuple(out.shape)} and "
+                           f"{None if bias is None else tuple(bias.shape)}")
+    return M, N
 
 
 def _cuda_tool(name: str) -> str:

@@ -281,19 +281,27 @@ class Attention(nn.Module):
 
     def forward(self, h, batch: Batch):
         """h (T, H): x in, this rank's partial of o_proj out."""
+        q = self.qkv_rope(h, batch)                                           # (T, nh, hd)
+        o = self.attend(q, batch)                                             # (T, nh, hd)
+        self.o(o.reshape(h.shape[0], self.nh * self.hd), out=h)
+
+    def qkv_rope(self, h, batch: Batch):
+        """h (T, H) -> q (T, nh, hd) rotated; the step's keys (rotated) and values go into the cache."""
         T, nh, nkv, hd = h.shape[0], self.nh, self.nkv, self.hd
+        if small(h, self.qkv.ext) and hd % 16 == 0:   # one kernel: RoPE and the cache write in the GEMM's epilogue
+            q = h.new_empty(T, nh, hd)
+            self.qkv.ext.gemv_rope.unchecked(h, self.qkv.weight, self.qkv.bias, q.view(T, nh * hd), self.rope,
+                                             batch.positions, batch.kv_rows, self.k_cache, self.v_cache)
+            return q
         qkv = self.qkv(h)                                                     # (T, (nh + 2 nkv) hd)
         if self.ext is not None:      # one kernel: q rotated in place, k and v into the cache
             self.ext.rope_kv_cache.unchecked(qkv, self.rope, batch.positions, batch.kv_rows, self.k_cache, self.v_cache)
-            q = qkv[:, :nh * hd].view(T, nh, hd)
-        else:
-            cos, sin = self.rope[batch.positions].unsqueeze(2).unbind(1)      # (T, 1, hd) each
-            qk = apply_rope(qkv[:, :(nh + nkv) * hd].view(T, nh + nkv, hd), cos, sin)   # (T, nh + nkv, hd)
-            q = qk[:, :nh]
-            self.k_cache[batch.kv_rows] = qk[:, nh:]
-            self.v_cache[batch.kv_rows] = qkv[:, (nh + nkv) * hd:].view(T, nkv, hd)
-        o = self.attend(q, batch)                                             # (T, nh, hd)
-        self.o(o.reshape(T, nh * hd), out=h)
+            return qkv[:, :nh * hd].view(T, nh, hd)
+        cos, sin = self.rope[batch.positions].unsqueeze(2).unbind(1)          # (T, 1, hd) each
+        qk = apply_rope(qkv[:, :(nh + nkv) * hd].view(T, nh + nkv, hd), cos, sin)   # (T, nh + nkv, hd)
+        self.k_cache[batch.kv_rows] = qk[:, nh:]
+        self.v_cache[batch.kv_rows] = qkv[:, (nh + nkv) * hd:].view(T, nkv, hd)
+        return qk[:, :nh]
 
     def attend(self, q, batch: Batch):
         """q (T, nh, hd) against the cache, which holds this step's keys and values already. Each

@@ -35,6 +35,8 @@ Kernels:
   silu_mul                          SwiGLU's activation, silu(gate) * up, in one pass.
   gemv                              a decode step's GEMMs (up to 8 tokens) as one stream over the
                                     weights; optionally with SwiGLU's activation in its epilogue.
+  gemv_rope                         qkv's gemv with rope_kv_cache in its epilogue: one kernel from
+                                    a decode step's x to rotated q and the cache write.
 
 Build:
   JIT, as the project uses it:     python build_ext.py      (torch.utils.cpp_extension, sm_90a)
@@ -914,9 +916,14 @@ cudaError_t launch_decode_attention(const DecodeParams& p, cudaStream_t stream) 
 // is in. Weights bypass L1 (each is read once); x is read through L1, where every warp of an SM
 // finds it. A token's outputs depend on its own x only, the same bits at any M (the mma computes
 // each column alone), so a sequence decodes alike whatever else is in the step.
-// SWIGLU: W is [gate; up] ([2I, K], as the MLP stacks them). CTA b takes gate rows 8b..8b+7 as rows
-// 0..7 and the up rows I + 8b.. as rows 8..15, and writes out [M, I] = silu(gate) * up with each
-// GEMM output rounded to bf16 first and then silu_mul's rounding: the bits of gemv, then silu_mul.
+// Epilogues. SWIGLU: W is [gate; up] ([2I, K], as the MLP stacks them). CTA b takes gate rows
+// 8b..8b+7 as rows 0..7 and the up rows I + 8b.. as rows 8..15, and writes out [M, I] = silu(gate) *
+// up with each GEMM output rounded to bf16 first and then silu_mul's rounding: the bits of gemv,
+// then silu_mul. ROPE: W is qkv's [(nh + 2 nkv) hd, K]. CTA b takes rows 8j..8j+7 of one head as
+// rows 0..7 and their rotate-half partners hd/2 + 8j.. as rows 8..15, so that a thread holds both
+// elements of a pair, and does what rope_kv_cache does with the rounded outputs: q rotated into out
+// [M, nh hd], k rotated into k_cache[kv_rows[m]], v into v_cache[kv_rows[m]]: the bits of gemv,
+// then rope_kv_cache.
 
 namespace gemv {
 // 16 warps a CTA: the narrow layers have few CTAs (o_proj: 256, two an SM), and each warp only a
@@ -926,14 +933,26 @@ constexpr int ROWS = 16;                   // rows of W a CTA
 constexpr int CHUNK = 64;                  // columns a warp takes at a time
 constexpr int UNROLL = 2;                  // chunks a warp loads at once (4 KB)
 constexpr int MAX_M = 8;                   // tokens: the mma's 8 columns
+// Three CTAs an SM (__launch_bounds__ below: at most 40 registers), so that qkv's 384 CTAs run in one
+// wave. Left to itself ptxas gave the RoPE epilogue 53 registers, two CTAs an SM, and qkv ran 3 us
+// slower (H200); at 40 no variant spills.
+constexpr int MIN_CTAS = 3;
+enum Epilogue { STORE, SWIGLU, ROPE };
 }  // namespace gemv
 
 struct GemvParams {
   const __nv_bfloat16* x;          // [M, K], rows ldx elements apart
   const __nv_bfloat16* w;          // [N, K]
   const __nv_bfloat16* bias;       // [N] or null (not with SWIGLU)
-  __nv_bfloat16* out;              // [M, N], or [M, N / 2] with SWIGLU; rows ldo elements apart
+  __nv_bfloat16* out;              // [M, N]; [M, N / 2] with SWIGLU; [M, nh hd] with ROPE; rows ldo apart
   int M, N, K, ldx, ldo;
+  // ROPE only: as RopeParams, for the M tokens.
+  const __nv_bfloat16* rope;       // [max_len, 2, hd]
+  const int* positions;            // [M]
+  const int* kv_rows;              // [M]
+  __nv_bfloat16* k_cache;          // [rows, nkv, hd]
+  __nv_bfloat16* v_cache;
+  int nh, nkv, hd;
 };
 
 // 16 bytes of weights, read once: not kept in L1 (x lives there).
@@ -944,20 +963,31 @@ __device__ __forceinline__ uint4 ld_stream(const __nv_bfloat16* p) {
   return v;
 }
 
-template <bool SWIGLU>
-__global__ void __launch_bounds__(gemv::THREADS) gemv_kernel(const GemvParams p) {
+template <int EPI>
+__global__ void __launch_bounds__(gemv::THREADS, gemv::MIN_CTAS) gemv_kernel(const GemvParams p) {
   using namespace gemv;
   __shared__ float sums[WARPS][4][32];           // each warp's accumulators, [register][lane]
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-  const int cols = SWIGLU ? p.N / 2 : p.N;       // of out
-  // This lane's two rows of W. Rows past the end are clamped onto the last: computed, never stored.
-  const int n0 = SWIGLU ? min(blockIdx.x * 8 + g, cols - 1) : min(blockIdx.x * ROWS + g, p.N - 1);
-  const int n1 = SWIGLU ? n0 + cols : min(blockIdx.x * ROWS + g + 8, p.N - 1);
+  const int cols = EPI == SWIGLU ? p.N / 2 : p.N;   // of W's rows that are outputs
+  // The rows of W that are this CTA's rows g and g + 8 (this lane's). Rows past the end are clamped
+  // onto the last: computed, never stored. (ROPE: N is a whole number of heads, nothing past the end.)
+  // ROPE: CTA b takes pairs 8j.. of head h (b = h hd/16 + j): row h hd + 8j + g = 8b + (hd/2)(b / (hd/16)) + g.
+  const int n0 = EPI == SWIGLU ? min(blockIdx.x * 8 + g, cols - 1)
+               : EPI == ROPE   ? blockIdx.x * 8 + blockIdx.x / (p.hd / 16) * (p.hd / 2) + g
+                               : min(blockIdx.x * ROWS + g, p.N - 1);
+  const int n1 = EPI == SWIGLU ? n0 + cols : EPI == ROPE ? n0 + p.hd / 2 : min(blockIdx.x * ROWS + g + 8, p.N - 1);
   const __nv_bfloat16* w0 = p.w + static_cast<size_t>(n0) * p.K + 8 * t;
   const __nv_bfloat16* w1 = p.w + static_cast<size_t>(n1) * p.K + 8 * t;
   const __nv_bfloat16* xg = p.x + static_cast<size_t>(g) * p.ldx + 8 * t;   // token g's row (g < M)
   const uint4 zero = make_uint4(0, 0, 0, 0);
   const int chunks = (p.K + CHUNK - 1) / CHUNK;
+  // ROPE: the epilogue's token data (its threads are warps 0 and 1, see below), loaded before the
+  // stream over W so that their latency hides behind it. The cos and sin rows depend on the position:
+  // loading them here too would hold warps 0 and 1 back a load's latency before they start.
+  const int half = p.hd / 2, head = EPI == ROPE ? blockIdx.x / (p.hd / 16) : 0;
+  const int em = 2 * t + warp % 2, ei = EPI == ROPE ? blockIdx.x % (p.hd / 16) * 8 + g : 0;  // token, element
+  const bool rope_thread = EPI == ROPE && warp < 2 && em < p.M;
+  const int position = rope_thread ? p.positions[em] : 0, kv_row = rope_thread ? p.kv_rows[em] : 0;
   float acc[4] = {};
   for (int c0 = warp; c0 < chunks; c0 += WARPS * UNROLL) {
     uint4 a[UNROLL][4], b[UNROLL][2];            // rows g and g + 8, and token g; columns 8t.., 32 + 8t..
@@ -988,22 +1018,42 @@ __global__ void __launch_bounds__(gemv::THREADS) gemv_kernel(const GemvParams p)
   for (int r = 0; r < 4; ++r) sums[warp][r][lane] = acc[r];
   __syncthreads();
   // Thread (r, l) sums register r of lane l over the warps, in warp order: row g(l) + 8 (r / 2) of
-  // the CTA, token 2 t(l) + r % 2. With SWIGLU, registers 0, 1 (gate) pair with 2, 3 (up).
+  // the CTA, token 2 t(l) + r % 2. With SWIGLU and ROPE, registers 0, 1 (gate; a pair's first
+  // element) pair with 2, 3 (up; its partner), and threads r < 2 take both.
   const int r = threadIdx.x / 32, l = threadIdx.x % 32, m = 2 * (l % 4) + r % 2;
-  if (r >= (SWIGLU ? 2 : 4) || m >= p.M) return;
-  float s = 0.0f, s_up = 0.0f;
+  if (r >= (EPI == STORE ? 4 : 2) || m >= p.M) return;
+  float s = 0.0f, s2 = 0.0f;
 #pragma unroll
   for (int w = 0; w < WARPS; ++w) {
     s += sums[w][r][l];
-    if (SWIGLU) s_up += sums[w][r + 2][l];
+    if (EPI != STORE) s2 += sums[w][r + 2][l];
   }
-  if (SWIGLU) {
+  if (EPI == SWIGLU) {
     const int n = blockIdx.x * 8 + l / 4;
     if (n >= cols) return;
     const float gate = __bfloat162float(__float2bfloat16_rn(s));
-    const float up = __bfloat162float(__float2bfloat16_rn(s_up));
+    const float up = __bfloat162float(__float2bfloat16_rn(s2));
     const float silu = __bfloat162float(__float2bfloat16_rn(gate / (1.0f + expf(-gate))));
     p.out[static_cast<size_t>(m) * p.ldo + n] = __float2bfloat16_rn(silu * up);
+  } else if (EPI == ROPE) {      // this thread is (warp, lane) = (r, l): m is em, and its ei, position, kv_row
+    const int n = head * p.hd + ei;   // elements ei and ei + hd/2 of the head
+    if (p.bias) {
+      s += __bfloat162float(p.bias[n]);
+      s2 += __bfloat162float(p.bias[n + half]);
+    }
+    const float a = __bfloat162float(__float2bfloat16_rn(s)), b = __bfloat162float(__float2bfloat16_rn(s2));
+    float out_lo = a, out_hi = b;
+    if (head < p.nh + p.nkv) {
+      const __nv_bfloat16* cs = p.rope + static_cast<size_t>(position) * 2 * p.hd;
+      out_lo = rope_one(a, -b, __bfloat162float(cs[ei]), __bfloat162float(cs[p.hd + ei]));
+      out_hi = rope_one(b, a, __bfloat162float(cs[ei + half]), __bfloat162float(cs[p.hd + ei + half]));
+    }
+    const size_t kv = static_cast<size_t>(kv_row) * p.nkv * p.hd;
+    __nv_bfloat16* lo = head < p.nh            ? p.out + static_cast<size_t>(m) * p.ldo + n
+                      : head < p.nh + p.nkv    ? p.k_cache + kv + (head - p.nh) * p.hd + ei
+                                               : p.v_cache + kv + (head - p.nh - p.nkv) * p.hd + ei;
+    lo[0] = __float2bfloat16_rn(out_lo);
+    lo[half] = __float2bfloat16_rn(out_hi);
   } else {
     const int n = blockIdx.x * ROWS + l / 4 + 8 * (r / 2);
     if (n >= p.N) return;
@@ -1012,14 +1062,17 @@ __global__ void __launch_bounds__(gemv::THREADS) gemv_kernel(const GemvParams p)
   }
 }
 
-cudaError_t launch_gemv(const GemvParams& p, bool swiglu, cudaStream_t stream) {
-  if (p.M < 1 || p.M > gemv::MAX_M || p.N < 1 || p.K < 8 || p.K % 8 || (swiglu && (p.N % 2 || p.bias)))
+cudaError_t launch_gemv(const GemvParams& p, gemv::Epilogue epi, cudaStream_t stream) {
+  using namespace gemv;
+  if (p.M < 1 || p.M > MAX_M || p.N < 1 || p.K < 8 || p.K % 8 || (epi == SWIGLU && (p.N % 2 || p.bias)) ||
+      (epi == ROPE && (p.hd < 16 || p.hd % 16 || p.nh < 1 || p.nkv < 1 || p.N != (p.nh + 2 * p.nkv) * p.hd)))
     return cudaErrorInvalidValue;
-  const unsigned grid = swiglu ? (p.N / 2 + 7) / 8 : (p.N + gemv::ROWS - 1) / gemv::ROWS;
-  if (swiglu)
-    gemv_kernel<true><<<grid, gemv::THREADS, 0, stream>>>(p);
-  else
-    gemv_kernel<false><<<grid, gemv::THREADS, 0, stream>>>(p);
+  const unsigned grid = epi == SWIGLU ? (p.N / 2 + 7) / 8 : (p.N + ROWS - 1) / ROWS;
+  switch (epi) {
+    case SWIGLU: gemv_kernel<SWIGLU><<<grid, THREADS, 0, stream>>>(p); break;
+    case ROPE: gemv_kernel<ROPE><<<grid, THREADS, 0, stream>>>(p); break;
+    default: gemv_kernel<STORE><<<grid, THREADS, 0, stream>>>(p); break;
+  }
   return cudaSuccess;
 }
 
@@ -1149,8 +1202,8 @@ std::string silu_mul(at::Tensor gate_up, at::Tensor out) {
                                                     c10::cuda::getCurrentCUDAStream()));
 }
 
-std::string gemv(at::Tensor x, at::Tensor w, std::optional<at::Tensor> bias, at::Tensor out, bool swiglu) {
-  if (x.size(0) == 0) return "";
+tw::GemvParams gemv_params(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
+                           const at::Tensor& out) {
   tw::GemvParams p{};
   p.x = static_cast<const __nv_bfloat16*>(x.data_ptr());
   p.w = static_cast<const __nv_bfloat16*>(w.data_ptr());
@@ -1161,8 +1214,30 @@ std::string gemv(at::Tensor x, at::Tensor w, std::optional<at::Tensor> bias, at:
   p.K = static_cast<int>(w.size(1));
   p.ldx = static_cast<int>(x.stride(0));
   p.ldo = static_cast<int>(out.stride(0));
+  return p;
+}
+
+std::string gemv(at::Tensor x, at::Tensor w, std::optional<at::Tensor> bias, at::Tensor out, bool swiglu) {
+  if (x.size(0) == 0) return "";
   const c10::cuda::CUDAGuard guard(x.device());
-  return cuda_error("gemv", tw::launch_gemv(p, swiglu, c10::cuda::getCurrentCUDAStream()));
+  return cuda_error("gemv", tw::launch_gemv(gemv_params(x, w, bias, out), swiglu ? tw::gemv::SWIGLU : tw::gemv::STORE,
+                                            c10::cuda::getCurrentCUDAStream()));
+}
+
+std::string gemv_rope(at::Tensor x, at::Tensor w, std::optional<at::Tensor> bias, at::Tensor q, at::Tensor rope,
+                      at::Tensor positions, at::Tensor kv_rows, at::Tensor k_cache, at::Tensor v_cache) {
+  if (x.size(0) == 0) return "";
+  tw::GemvParams p = gemv_params(x, w, bias, q);
+  p.rope = static_cast<const __nv_bfloat16*>(rope.data_ptr());
+  p.positions = static_cast<const int*>(positions.data_ptr());
+  p.kv_rows = static_cast<const int*>(kv_rows.data_ptr());
+  p.k_cache = static_cast<__nv_bfloat16*>(k_cache.data_ptr());
+  p.v_cache = static_cast<__nv_bfloat16*>(v_cache.data_ptr());
+  p.nkv = static_cast<int>(k_cache.size(1));
+  p.hd = static_cast<int>(k_cache.size(2));
+  p.nh = static_cast<int>(q.size(1) / p.hd);
+  const c10::cuda::CUDAGuard guard(x.device());
+  return cuda_error("gemv_rope", tw::launch_gemv(p, tw::gemv::ROPE, c10::cuda::getCurrentCUDAStream()));
 }
 
 }  // namespace
@@ -1207,6 +1282,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "strided, 16-byte aligned); swiglu: w is [gate; up] [2I, K], out [M, I] <- silu(gate) * up; "
         "K % 8 == 0",
         py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("out"), py::arg("swiglu"));
+  m.def("gemv_rope", &gemv_rope,
+        "gemv with rope_kv_cache in its epilogue: qkv = x [M, K] w^T (+ bias) for w [(nh + 2 nkv) hd, K], "
+        "then q rotated into q [M, nh hd] (rows may be strided), k rotated into k_cache[kv_rows[m]] and v "
+        "into v_cache[kv_rows[m]] ([rows, nkv, hd]); rope, positions and kv_rows as rope_kv_cache's; "
+        "hd % 16 == 0",
+        py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("q"), py::arg("rope"), py::arg("positions"),
+        py::arg("kv_rows"), py::arg("k_cache"), py::arg("v_cache"));
   m.def("resident_ctas", [](int64_t hidden, int64_t world) {
     return tw::resident_ctas(static_cast<int>(hidden / 8), static_cast<int>(world));
   }, "CTAs of the p2p fused kernel (this hidden and world size) the current GPU holds at once",

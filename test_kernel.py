@@ -485,3 +485,37 @@ def test_gemv(N, K):
     with pytest.raises(RuntimeError, match=f"1 <= M <= {most}"):
         ops.gemv(xs[:, :K].repeat(2, 1).contiguous(), w, None, torch.empty(2 * most, N, dtype=BF16, device="cuda"),
                  False)
+
+
+# (nh, nkv, hd, K, bias): the 8B shape's qkv at TP 1, 2 and 4, Qwen2.5-72B's at TP 4 (with its bias),
+# odd head counts and the smallest head dim.
+@pytest.mark.parametrize("nh,nkv,hd,K,bias", [(32, 8, 128, 4096, False), (16, 4, 128, 4096, False),
+                                              (8, 2, 128, 4096, False), (16, 2, 128, 8192, True),
+                                              (5, 1, 16, 200, True), (3, 3, 32, 40, False)])
+def test_gemv_rope(nh, nkv, hd, K, bias):
+    """qkv's GEMM with RoPE and the cache write in its epilogue: bitwise gemv followed by
+    rope_kv_cache (q, both caches, every other cache row untouched), at every token count."""
+    ops = build_ext.load()
+    g = torch.Generator("cuda").manual_seed(nh * K + hd)
+    N, most, rows, max_len = (nh + 2 * nkv) * hd, ops.limits["gemv_max_m"], 40, 100
+    w = (torch.randn(N, K, generator=g, device="cuda") / K ** 0.5).bfloat16()
+    b = torch.randn(N, generator=g, device="cuda").bfloat16() if bias else None
+    x = torch.randn(most, K + 8, generator=g, device="cuda").bfloat16()[:, :K]   # rows K + 8 apart
+    rope = (2 * torch.rand(max_len, 2, hd, generator=g, device="cuda") - 1).to(BF16)
+    caches = [torch.randn(rows, nkv, hd, generator=g, device="cuda").bfloat16() for _ in range(2)]
+    for M in range(1, most + 1):
+        positions = torch.randint(0, max_len, (M,), generator=g, device="cuda", dtype=torch.int32)
+        kv_rows = torch.randperm(rows, generator=g, device="cuda")[:M].int()
+        qkv = torch.empty(M, N, dtype=BF16, device="cuda")
+        ops.gemv(x[:M], w, b, qkv, False)
+        want_k, want_v = (c.clone() for c in caches)
+        ops.rope_kv_cache(qkv, rope, positions, kv_rows, want_k, want_v)
+        q = torch.full((M, nh * hd), float("nan"), device="cuda").bfloat16()
+        k_cache, v_cache = (c.clone() for c in caches)
+        ops.gemv_rope(x[:M], w, b, q, rope, positions, kv_rows, k_cache, v_cache)
+        assert torch.equal(q, qkv[:, :nh * hd]), f"q, M = {M}"
+        assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v), f"cache, M = {M}"
+    if hd == 16:
+        with pytest.raises(RuntimeError, match="hd % 16 == 0"):
+            narrow = torch.zeros(rows, 2 * nkv, 8, dtype=BF16, device="cuda")
+            ops.gemv_rope(x[:1], w, b, q[:1], rope[:, :, :8].contiguous(), positions[:1], kv_rows[:1], narrow, narrow)
