@@ -37,6 +37,8 @@ Kernels:
                                     weights; optionally with SwiGLU's activation in its epilogue.
   gemv_rope                         qkv's gemv with rope_kv_cache in its epilogue: one kernel from
                                     a decode step's x to rotated q and the cache write.
+  The local add + RMSNorm, decode_attention and gemv start early behind the kernel before them
+  (programmatic dependent launch, see launch_pdl).
 
 Build:
   JIT, as the project uses it:     python build_ext.py      (torch.utils.cpp_extension, sm_90a)
@@ -133,6 +135,34 @@ __device__ __forceinline__ void unpack8(const uint4& v, float f[8]) {
 __device__ __forceinline__ uint4 pack8(const float f[8]) {
   return make_uint4(pack_bf16x2(f[0], f[1]), pack_bf16x2(f[2], f[3]), pack_bf16x2(f[4], f[5]),
                     pack_bf16x2(f[6], f[7]));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Programmatic dependent launch (PDL). The kernels of a decode step (all but the comm kernel) are
+// launched with launch_pdl: a kernel's CTAs may start, and set up, while the kernel before it in
+// the stream finishes, and the launch latency between them is hidden. Before pdl_wait a kernel
+// reads nothing any kernel writes (at most a norm weight); after it the previous kernel has
+// completed and its writes are visible. pdl_launch_dependents, only ever after pdl_wait, lets the
+// next kernel launch once every CTA of this one has called it or exited: so at most two kernels
+// are in flight, and the next one's CTAs only take the SMs that this one's last CTAs leave. Where
+// the launch was plain, or the previous kernel is not ours (cuBLAS, torch), both are harmless.
+__device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
+__device__ __forceinline__ void pdl_launch_dependents() { asm volatile("griddepcontrol.launch_dependents;"); }
+
+template <typename... Args>
+cudaError_t launch_pdl(void (*kernel)(Args...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                       const Args&... args) {
+  cudaLaunchAttribute attr{};
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  config.attrs = &attr;
+  config.numAttrs = 1;
+  return cudaLaunchKernelEx(&config, kernel, args...);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -375,6 +405,8 @@ template <int VPT>
 __global__ void __launch_bounds__(max_threads<VPT>()) fused_add_rmsnorm_kernel(const Params p) {
   uint4 w[VPT];
   load_weight<VPT>(p, w);
+  pdl_wait();
+  pdl_launch_dependents();
   for (int row = blockIdx.x; row < p.rows; row += gridDim.x)
     add_rmsnorm_rows<Transport::LOCAL, 1, VPT, 1>(p, row, row, 0, w);
 }
@@ -413,11 +445,10 @@ cudaError_t launch_fused_add_rmsnorm(const Params& p, cudaStream_t stream) {
   if (p.rows < 1 || p.nvec < 1 || p.nvec * 8 > MAX_HIDDEN) return cudaErrorInvalidValue;
   const dim3 grid(p.rows), block(threads_per_block(p.nvec));
   switch (vectors_per_thread(p.nvec)) {
-    case 1: fused_add_rmsnorm_kernel<1><<<grid, block, 0, stream>>>(p); break;
-    case 4: fused_add_rmsnorm_kernel<4><<<grid, block, 0, stream>>>(p); break;
-    default: fused_add_rmsnorm_kernel<8><<<grid, block, 0, stream>>>(p); break;
+    case 1: return launch_pdl(fused_add_rmsnorm_kernel<1>, grid, block, 0, stream, p);
+    case 4: return launch_pdl(fused_add_rmsnorm_kernel<4>, grid, block, 0, stream, p);
+    default: return launch_pdl(fused_add_rmsnorm_kernel<8>, grid, block, 0, stream, p);
   }
-  return cudaSuccess;
 }
 
 // The kernel instance for these sizes, handed to f: the launcher and the occupancy query share the
@@ -666,6 +697,8 @@ __global__ void __launch_bounds__(attn::THREADS) decode_attention_kernel(const D
   __nv_bfloat16* smem = reinterpret_cast<__nv_bfloat16*>(smem_raw);
   const int split = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
+  pdl_wait();
+  pdl_launch_dependents();
   // This CTA's keys [begin, end): slice `split` of the sequence's keys, in whole tiles.
   const int len = p.kv_lens[b], slices = slices_for(len);
   if (split >= slices) return;
@@ -815,6 +848,8 @@ constexpr int COMBINE_ROWS = 8, COMBINE_THREADS = COMBINE_ROWS * attn::HD / 4;
 template <int S>
 __global__ void __launch_bounds__(COMBINE_THREADS) decode_combine_kernel(const DecodeParams p) {
   using namespace attn;
+  pdl_wait();
+  pdl_launch_dependents();
   const size_t row = static_cast<size_t>(blockIdx.x) * COMBINE_ROWS + threadIdx.x / (HD / 4);
   const size_t slice_rows = static_cast<size_t>(p.batch) * p.nh;
   const int i = threadIdx.x % (HD / 4);
@@ -886,18 +921,19 @@ cudaError_t launch_decode_attention(const DecodeParams& p, cudaStream_t stream) 
   }();
   if (ready != cudaSuccess) return ready;
   const dim3 grid(p.slices, p.nkv, p.batch);
+  cudaError_t e = cudaSuccess;
   if (static_cast<long long>(p.slices) * p.nkv * p.batch <= sms)
-    with_decode_kernel<4>(group, [&](auto k) { k<<<grid, attn::THREADS, attn::smem_bytes(4), stream>>>(p); });
+    with_decode_kernel<4>(group, [&](auto k) { e = launch_pdl(k, grid, attn::THREADS, attn::smem_bytes(4), stream, p); });
   else
-    with_decode_kernel<2>(group, [&](auto k) { k<<<grid, attn::THREADS, attn::smem_bytes(2), stream>>>(p); });
-  if (p.slices > 1) {
+    with_decode_kernel<2>(group, [&](auto k) { e = launch_pdl(k, grid, attn::THREADS, attn::smem_bytes(2), stream, p); });
+  if (e == cudaSuccess && p.slices > 1) {
     const unsigned rows = static_cast<unsigned>(p.batch) * p.nh;
     const unsigned grid = (rows + COMBINE_ROWS - 1) / COMBINE_ROWS;
     const auto kernel = p.slices <= 2 ? decode_combine_kernel<2> : p.slices <= 4 ? decode_combine_kernel<4>
                       : p.slices <= 8 ? decode_combine_kernel<8> : decode_combine_kernel<attn::MAX_SLICES>;
-    kernel<<<grid, COMBINE_THREADS, 0, stream>>>(p);
+    e = launch_pdl(kernel, grid, COMBINE_THREADS, 0, stream, p);
   }
-  return cudaSuccess;
+  return e;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -987,6 +1023,8 @@ __global__ void __launch_bounds__(gemv::THREADS, gemv::MIN_CTAS) gemv_kernel(con
   const int half = p.hd / 2, head = EPI == ROPE ? blockIdx.x / (p.hd / 16) : 0;
   const int em = 2 * t + warp % 2, ei = EPI == ROPE ? blockIdx.x % (p.hd / 16) * 8 + g : 0;  // token, element
   const bool rope_thread = EPI == ROPE && warp < 2 && em < p.M;
+  pdl_wait();
+  pdl_launch_dependents();
   const int position = rope_thread ? p.positions[em] : 0, kv_row = rope_thread ? p.kv_rows[em] : 0;
   float acc[4] = {};
   for (int c0 = warp; c0 < chunks; c0 += WARPS * UNROLL) {
@@ -1069,11 +1107,10 @@ cudaError_t launch_gemv(const GemvParams& p, gemv::Epilogue epi, cudaStream_t st
     return cudaErrorInvalidValue;
   const unsigned grid = epi == SWIGLU ? (p.N / 2 + 7) / 8 : (p.N + ROWS - 1) / ROWS;
   switch (epi) {
-    case SWIGLU: gemv_kernel<SWIGLU><<<grid, THREADS, 0, stream>>>(p); break;
-    case ROPE: gemv_kernel<ROPE><<<grid, THREADS, 0, stream>>>(p); break;
-    default: gemv_kernel<STORE><<<grid, THREADS, 0, stream>>>(p); break;
+    case SWIGLU: return launch_pdl(gemv_kernel<SWIGLU>, grid, THREADS, 0, stream, p);
+    case ROPE: return launch_pdl(gemv_kernel<ROPE>, grid, THREADS, 0, stream, p);
+    default: return launch_pdl(gemv_kernel<STORE>, grid, THREADS, 0, stream, p);
   }
-  return cudaSuccess;
 }
 
 }  // namespace tw
