@@ -37,8 +37,8 @@ Kernels:
                                     weights; optionally with SwiGLU's activation in its epilogue.
   gemv_rope                         qkv's gemv with rope_kv_cache in its epilogue: one kernel from
                                     a decode step's x to rotated q and the cache write.
-  The local add + RMSNorm, decode_attention and gemv start early behind the kernel before them
-  (programmatic dependent launch, see launch_pdl).
+  All but the comm kernel start early behind the kernel before them (programmatic dependent
+  launch, see launch_pdl).
 
 Build:
   JIT, as the project uses it:     python build_ext.py      (torch.utils.cpp_extension, sm_90a)
@@ -140,12 +140,14 @@ __device__ __forceinline__ uint4 pack8(const float f[8]) {
 // ---------------------------------------------------------------------------------------------
 // Programmatic dependent launch (PDL). The kernels of a decode step (all but the comm kernel) are
 // launched with launch_pdl: a kernel's CTAs may start, and set up, while the kernel before it in
-// the stream finishes, and the launch latency between them is hidden. Before pdl_wait a kernel
-// reads nothing any kernel writes (at most a norm weight); after it the previous kernel has
-// completed and its writes are visible. pdl_launch_dependents, only ever after pdl_wait, lets the
-// next kernel launch once every CTA of this one has called it or exited: so at most two kernels
-// are in flight, and the next one's CTAs only take the SMs that this one's last CTAs leave. Where
-// the launch was plain, or the previous kernel is not ours (cuBLAS, torch), both are harmless.
+// the stream finishes, and the launch latency between them is hidden. After pdl_wait the previous
+// kernel has completed and its writes are visible. pdl_launch_dependents, only ever after
+// pdl_wait, lets the next kernel launch once every CTA of this one has called it or exited: so at
+// most two kernels are in flight, the next one's CTAs only take the SMs that this one's last CTAs
+// leave, and when a kernel starts, every kernel but the one just before it has completed. So
+// before pdl_wait a kernel may read anything but what that one kernel writes: a norm weight, and in
+// decode attention the step's metadata and the keys of earlier steps. Where the launch was plain,
+// or the previous kernel is not ours (cuBLAS, torch), both are harmless.
 __device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
 __device__ __forceinline__ void pdl_launch_dependents() { asm volatile("griddepcontrol.launch_dependents;"); }
 
@@ -529,6 +531,8 @@ __host__ __device__ constexpr int rope_items(const RopeParams& p) {
 }
 
 __global__ void __launch_bounds__(ROPE_THREADS) rope_kv_cache_kernel(const RopeParams p) {
+  pdl_wait();
+  pdl_launch_dependents();
   const int t = blockIdx.x, half = p.hd / 2, width = (p.nh + 2 * p.nkv) * p.hd;
   const int j = blockIdx.y * ROPE_THREADS + threadIdx.x, pairs = (p.nh + p.nkv) * half / 2;
   if (j >= rope_items(p)) return;
@@ -564,8 +568,7 @@ __global__ void __launch_bounds__(ROPE_THREADS) rope_kv_cache_kernel(const RopeP
 cudaError_t launch_rope_kv_cache(const RopeParams& p, cudaStream_t stream) {
   if (p.tokens < 1 || p.hd % 8 || p.nh < 1 || p.nkv < 1) return cudaErrorInvalidValue;
   const dim3 grid(p.tokens, (rope_items(p) + ROPE_THREADS - 1) / ROPE_THREADS);
-  rope_kv_cache_kernel<<<grid, ROPE_THREADS, 0, stream>>>(p);
-  return cudaSuccess;
+  return launch_pdl(rope_kv_cache_kernel, grid, dim3(ROPE_THREADS), 0, stream, p);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -574,6 +577,8 @@ cudaError_t launch_rope_kv_cache(const RopeParams& p, cudaStream_t stream) {
 // One thread per 16-byte vector of out.
 
 __global__ void silu_mul_kernel(const uint4* gate_up, uint4* out, int tokens, int nvec) {
+  pdl_wait();
+  pdl_launch_dependents();
   const size_t j = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (j >= static_cast<size_t>(tokens) * nvec) return;
   const size_t t = j / nvec, i = j % nvec;
@@ -591,8 +596,8 @@ __global__ void silu_mul_kernel(const uint4* gate_up, uint4* out, int tokens, in
 cudaError_t launch_silu_mul(const uint4* gate_up, uint4* out, int tokens, int nvec, cudaStream_t stream) {
   if (tokens < 1 || nvec < 1) return cudaErrorInvalidValue;
   const size_t n = static_cast<size_t>(tokens) * nvec;
-  silu_mul_kernel<<<static_cast<unsigned>((n + 255) / 256), 256, 0, stream>>>(gate_up, out, tokens, nvec);
-  return cudaSuccess;
+  return launch_pdl(silu_mul_kernel, dim3(static_cast<unsigned>((n + 255) / 256)), dim3(256), 0, stream, gate_up, out,
+                    tokens, nvec);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -697,8 +702,6 @@ __global__ void __launch_bounds__(attn::THREADS) decode_attention_kernel(const D
   __nv_bfloat16* smem = reinterpret_cast<__nv_bfloat16*>(smem_raw);
   const int split = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
-  pdl_wait();
-  pdl_launch_dependents();
   // This CTA's keys [begin, end): slice `split` of the sequence's keys, in whole tiles.
   const int len = p.kv_lens[b], slices = slices_for(len);
   if (split >= slices) return;
@@ -719,11 +722,22 @@ __global__ void __launch_bounds__(attn::THREADS) decode_attention_kernel(const D
   };
   // One commit group per tile, empty past the last, so that waiting for all but STAGES - 2 groups
   // always means the current tile has landed.
+  // PDL: the step's metadata and the keys of earlier steps are no output of the kernel before this
+  // one (qkv's, which writes only this step's key, len - 1), so the first tiles load before
+  // pdl_wait, up to the one that holds that key.
+  bool waited = false;
+  const auto wait = [&] {
+    pdl_wait();
+    pdl_launch_dependents();
+    waited = true;
+  };
 #pragma unroll
   for (int t = 0; t < STAGES - 1; ++t) {
+    if (!waited && begin + (t + 1) * TILE > len - 1) wait();
     if (t < tiles) load_tile(t, t);
     cp_async_commit();
   }
+  if (!waited) wait();
 
   // q's A fragments for the whole head dim: 8 k-steps of 16, rows g < G are the G query heads.
   uint32_t qa[HD / 16][2];
