@@ -149,8 +149,9 @@ class ColumnParallel(nn.Module):
 
 # Steps of this many tokens run a RowParallel GEMM (narrow N: o_proj, down) through cuBLASLt, which
 # torch picks for addmm with a bias: cuBLAS's own choice there is a split-K pass plus a reduce
-# kernel. H200, 8B shapes, us per GEMM over L2-cold weights, cuBLAS vs cuBLASLt: down 34.1 vs 32.0 at
-# 32 tokens, 36.6 vs 32.8 at 64, 38.1 vs 33.5 at 96; at 16 (34.7) and 128 (39.1) cuBLASLt is slower.
+# kernel. H200, 8B shapes, us per GEMM over L2-cold weights, cuBLAS vs cuBLASLt at 32, 64 and 96
+# tokens: down 34.1 / 32.0, 36.6 / 32.8, 38.1 / 33.5; o_proj 13.6 / 12.3, 12.2 / 12.7, 15.3 / 12.7. At
+# 16 and 128 tokens cuBLASLt is slower (down 33.3 / 34.7 and 38.1 / 39.1).
 LT_TOKENS = range(32, 97)
 
 
