@@ -151,7 +151,8 @@ class ColumnParallel(nn.Module):
 # torch picks for addmm with a bias: cuBLAS's own choice there is a split-K pass plus a reduce
 # kernel. H200, 8B shapes, us per GEMM over L2-cold weights, cuBLAS vs cuBLASLt at 32, 64 and 96
 # tokens: down 34.1 / 32.0, 36.6 / 32.8, 38.1 / 33.5; o_proj 13.6 / 12.3, 12.2 / 12.7, 15.3 / 12.7. At
-# 16 and 128 tokens cuBLASLt is slower (down 33.3 / 34.7 and 38.1 / 39.1).
+# 16 and 128 tokens cuBLASLt is slower (down 33.3 / 34.7 and 38.1 / 39.1). Measured at TP 1 only: at
+# TP > 1 the GEMMs' K is 1/N of that, and the bound is a guess there.
 LT_TOKENS = range(32, 97)
 
 
