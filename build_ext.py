@@ -146,6 +146,7 @@ def load(verbose: bool = False):
         silu_mul=_checked(module.silu_mul, _check_silu_mul, limits),
         gemv=_checked(module.gemv, _check_gemv, limits),
         gemv_rope=_checked(module.gemv_rope, _check_gemv_rope, limits),
+        argmax=_checked(module.argmax, _check_argmax, limits),
         decode_slices=module.decode_slices, resident_ctas=module.resident_ctas, limits=limits, so=module.__file__)
     return _module
 
@@ -315,6 +316,18 @@ def _check_gemv_operands(op, limits, x, w, bias, out):
         raise RuntimeError(f"{op}: out must be 2-D and bias [{N}]; got {tuple(out.shape)} and "
                            f"{None if bias is None else tuple(bias.shape)}")
     return M, N
+
+
+def _check_argmax(limits, logits, out):
+    op = "argmax"
+    if not logits.is_cuda or logits.dtype != torch.bfloat16 or logits.dim() != 2 or logits.stride(1) != 1 or \
+            logits.stride(0) % 8 or logits.shape[1] % 8 or logits.data_ptr() % 16 or not 0 < logits.shape[1] < 2**31:
+        raise RuntimeError(f"{op}: logits must be a 2-D bfloat16 CUDA tensor [B, V], V % 8 == 0, with contiguous "
+                           f"16-byte aligned rows a multiple of 8 elements apart; got {logits.dtype} "
+                           f"{tuple(logits.shape)} strides {logits.stride()} on {logits.device}")
+    if out.dtype != torch.int64 or out.shape != logits.shape[:1] or not out.is_contiguous() or out.device != logits.device:
+        raise RuntimeError(f"{op}: out must be a contiguous int64 [{logits.shape[0]}] on {logits.device}; got "
+                           f"{out.dtype} {tuple(out.shape)} on {out.device}")
 
 
 def _cuda_tool(name: str) -> str:

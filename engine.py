@@ -189,13 +189,13 @@ class Sampling:
         return float(torch.tensor(self.temperature, dtype=torch.float32)) == 0
 
 
-def sample(logits, s: Sampling, seq_ids, positions):
+def sample(logits, s: Sampling, seq_ids, positions, ext=None):
     """logits (B, V) -> (B,) next tokens, on the device, no host sync. Inverse-CDF sampling with one
     uniform per row drawn from (seed, sequence id, position) alone, so a sequence's text does not
     depend on what runs beside it; top-p keeps the most likely tokens up to that mass (and always
     the first)."""
     if s.greedy:
-        return argmax(logits)
+        return argmax(logits, ext)
     x = logits.float()
     p = torch.softmax((x - x.amax(-1, keepdim=True)) / s.temperature, dim=-1)   # no overflow at tiny T
     idx = None
@@ -212,11 +212,17 @@ def sample(logits, s: Sampling, seq_ids, positions):
     return choice if idx is None else idx.gather(-1, choice[:, None])[:, 0]
 
 
-def argmax(logits):
-    """(B, V) -> (B,) the first index of each row's maximum, as logits.argmax(-1) gives it, in two
-    passes: torch's reduction of a few long rows runs on a few SMs (37 us for one row of 128K logits
-    on an H200, 1% of a decode step); by k chunks (k up to 256 dividing V) it fills the GPU."""
+def argmax(logits, ext=None):
+    """(B, V) -> (B,) the first index of each row's maximum, as logits.argmax(-1) gives it. torch's
+    reduction of a few long rows runs on a few SMs (37 us for one row of 128K logits on an H200, 1%
+    of a decode step), so the extension's kernel takes chunks of a row on many CTAs, and without it
+    two passes of torch's do (by k chunks, k up to 256 dividing V)."""
     B, V = logits.shape
+    if ext is not None and logits.is_cuda and logits.dtype == torch.bfloat16 and V % 8 == 0 and \
+            logits.stride(1) == 1 and logits.stride(0) % 8 == 0 and logits.data_ptr() % 16 == 0:
+        out = torch.empty(B, dtype=torch.long, device=logits.device)
+        ext.argmax.unchecked(logits, out)
+        return out
     k = math.gcd(V, 256)
     if k < 16:
         return logits.argmax(-1)
@@ -306,7 +312,7 @@ class Runner:
             logits = self.weaver(batch)
         else:
             graph.replay()
-        nxt = sample(logits[:B], sampling, batch.seq_ids[:B], batch.next_pos[:B])
+        nxt = sample(logits[:B], sampling, batch.seq_ids[:B], batch.next_pos[:B], self.weaver.model.ext)
         return broadcast_from_rank0(nxt, self.d)
 
 

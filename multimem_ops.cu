@@ -37,6 +37,7 @@ Kernels:
                                     weights; optionally with SwiGLU's activation in its epilogue.
   gemv_rope                         qkv's gemv with rope_kv_cache in its epilogue: one kernel from
                                     a decode step's x to rotated q and the cache write.
+  argmax                            greedy sampling: each row's first index of its largest logit.
   All but the comm kernel start early behind the kernel before them (programmatic dependent
   launch, see launch_pdl).
 
@@ -1127,6 +1128,99 @@ cudaError_t launch_gemv(const GemvParams& p, gemv::Epilogue epi, cudaStream_t st
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Greedy sampling: out[b] = the first index of the largest of logits[b, :V] (bf16, rows ld apart),
+// a NaN above every number, as torch.argmax. Each element becomes a 64-bit key: its bf16 bits made
+// monotonic in the value (-0 as +0, every NaN as the largest) above the complement of its index.
+// The largest key is then the answer, and a max over keys is exact in any order, so the two passes
+// below need no fixed order. argmax_parts: CTA (c, b) takes SPAN elements of row b into part[b][c];
+// argmax_final: one warp a row takes the max of its parts. torch's own argmax of a few long rows
+// runs on a few SMs, and by chunks (engine.argmax) it takes five kernels; at batch 128 x 128K
+// logits the chunked one's first pass alone took 33 us (H200), for 33 MB.
+
+namespace argmax {
+constexpr int THREADS = 256, VEC = 8, SPAN = THREADS * VEC * 4;   // elements a CTA: 4 vectors a thread
+}  // namespace argmax
+
+struct ArgmaxParams {
+  const __nv_bfloat16* logits;     // [B, V], rows ld apart
+  unsigned long long* part;        // [B, parts]
+  int64_t* out;                    // [B]
+  int B, V, ld, parts;
+};
+
+__device__ __forceinline__ unsigned long long argmax_key(uint32_t bits, int index) {
+  bits &= 0xFFFF;
+  if (bits == 0x8000) bits = 0;                                  // -0 ties with +0
+  const uint32_t order = (bits & 0x7FFF) > 0x7F80 ? 0xFFFF       // NaN
+                       : bits & 0x8000 ? ~bits & 0xFFFF : bits | 0x8000;
+  return static_cast<unsigned long long>(order) << 32 | (0xFFFFFFFFu - static_cast<uint32_t>(index));
+}
+
+__device__ __forceinline__ unsigned long long warp_max(unsigned long long v) {
+#pragma unroll
+  for (int o = 16; o > 0; o /= 2) {
+    const unsigned long long u = __shfl_xor_sync(0xFFFFFFFFu, v, o);
+    v = u > v ? u : v;
+  }
+  return v;
+}
+
+__global__ void __launch_bounds__(argmax::THREADS) argmax_parts_kernel(const ArgmaxParams p) {
+  using namespace argmax;
+  __shared__ unsigned long long warps[THREADS / 32];
+  const int b = blockIdx.y, c = blockIdx.x;
+  const __nv_bfloat16* row = p.logits + static_cast<size_t>(b) * p.ld;
+  pdl_wait();
+  pdl_launch_dependents();
+  unsigned long long best = 0;                                   // below every key
+#pragma unroll
+  for (int i = 0; i < SPAN / (THREADS * VEC); ++i) {
+    const int at = c * SPAN + (i * THREADS + threadIdx.x) * VEC;   // V % 8 == 0: a vector is all in or out
+    if (at >= p.V) break;
+    const uint4 v = __ldg(reinterpret_cast<const uint4*>(row + at));
+    const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const unsigned long long lo = argmax_key(w[k], at + 2 * k), hi = argmax_key(w[k] >> 16, at + 2 * k + 1);
+      best = lo > best ? lo : best;
+      best = hi > best ? hi : best;
+    }
+  }
+  best = warp_max(best);
+  if (threadIdx.x % 32 == 0) warps[threadIdx.x / 32] = best;
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    best = warp_max(threadIdx.x < THREADS / 32 ? warps[threadIdx.x] : 0);
+    if (threadIdx.x == 0) p.part[static_cast<size_t>(b) * p.parts + c] = best;
+  }
+}
+
+__global__ void __launch_bounds__(argmax::THREADS) argmax_final_kernel(const ArgmaxParams p) {
+  const int b = blockIdx.x * (argmax::THREADS / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+  pdl_wait();
+  pdl_launch_dependents();
+  if (b >= p.B) return;
+  unsigned long long best = 0;
+  for (int c = lane; c < p.parts; c += 32) {
+    const unsigned long long k = p.part[static_cast<size_t>(b) * p.parts + c];
+    best = k > best ? k : best;
+  }
+  best = warp_max(best);
+  if (lane == 0) p.out[b] = 0xFFFFFFFFu - static_cast<uint32_t>(best);
+}
+
+int argmax_parts(int V) { return (V + argmax::SPAN - 1) / argmax::SPAN; }
+
+cudaError_t launch_argmax(const ArgmaxParams& p, cudaStream_t stream) {
+  if (p.B < 1 || p.V < 1 || p.V % 8 || p.ld % 8 || p.ld < p.V || p.parts != argmax_parts(p.V)) return cudaErrorInvalidValue;
+  constexpr int ROWS = argmax::THREADS / 32;
+  cudaError_t e = launch_pdl(argmax_parts_kernel, dim3(p.parts, p.B), dim3(argmax::THREADS), 0, stream, p);
+  if (e == cudaSuccess)
+    e = launch_pdl(argmax_final_kernel, dim3((p.B + ROWS - 1) / ROWS), dim3(argmax::THREADS), 0, stream, p);
+  return e;
+}
+
 }  // namespace tw
 
 // ---------------------------------------------------------------------------------------------
@@ -1136,6 +1230,7 @@ cudaError_t launch_gemv(const GemvParams& p, gemv::Epilogue epi, cudaStream_t st
 // time, no warnings from the C++ frontend's headers, and no need for the cuBLAS/cuSPARSE headers.
 // c10::cuda::getCurrentCUDAStream is the stream at::cuda::getCurrentCUDAStream returns.
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -1291,6 +1386,21 @@ std::string gemv_rope(at::Tensor x, at::Tensor w, std::optional<at::Tensor> bias
   return cuda_error("gemv_rope", tw::launch_gemv(p, tw::gemv::ROPE, c10::cuda::getCurrentCUDAStream()));
 }
 
+std::string argmax(at::Tensor logits, at::Tensor out) {
+  if (logits.size(0) == 0) return "";
+  const c10::cuda::CUDAGuard guard(logits.device());
+  tw::ArgmaxParams p{};
+  p.logits = static_cast<const __nv_bfloat16*>(logits.data_ptr());
+  p.out = out.data_ptr<int64_t>();
+  p.B = static_cast<int>(logits.size(0));
+  p.V = static_cast<int>(logits.size(1));
+  p.ld = static_cast<int>(logits.stride(0));
+  p.parts = tw::argmax_parts(p.V);
+  const at::Tensor part = at::empty({p.B, p.parts}, logits.options().dtype(at::kLong));   // stream-ordered
+  p.part = reinterpret_cast<unsigned long long*>(part.data_ptr<int64_t>());
+  return cuda_error("argmax", tw::launch_argmax(p, c10::cuda::getCurrentCUDAStream()));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -1340,6 +1450,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "hd % 16 == 0",
         py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("q"), py::arg("rope"), py::arg("positions"),
         py::arg("kv_rows"), py::arg("k_cache"), py::arg("v_cache"));
+  m.def("argmax", &argmax,
+        "out [B] (int64) <- the first index of each row's largest value of logits [B, V] (bf16, "
+        "contiguous rows, 16-byte aligned, V % 8 == 0), NaN above all, as torch.argmax(-1)",
+        py::arg("logits"), py::arg("out"));
   m.def("resident_ctas", [](int64_t hidden, int64_t world) {
     return tw::resident_ctas(static_cast<int>(hidden / 8), static_cast<int>(world));
   }, "CTAs of the p2p fused kernel (this hidden and world size) the current GPU holds at once",

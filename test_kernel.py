@@ -2,7 +2,7 @@
 and 4 GPUs, driven through comm.FusedComm as the model drives it and checked against NCCL's sum and
 comm.add_rmsnorm_ (the reference op); on one GPU, the same kernel's protocol with 2, 4 and 8
 virtual ranks (comm.VirtualRanks), the local fused add + RMSNorm, the RoPE + KV-cache kernel, the
-decode attention, SwiGLU's activation and the decode GEMM.
+decode attention, SwiGLU's activation, the decode GEMM and greedy sampling's argmax.
 
 Skipped, with the reason, without a Hopper GPU, nvcc, or enough GPUs. Multi-GPU tests spawn one
 process per GPU (conftest.run_tp); a failure on any rank fails the test with that rank's traceback.
@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 import build_ext
 import comm
+import engine
 from conftest import run_tp
 
 OK, WHY = build_ext.available()
@@ -519,3 +520,29 @@ def test_gemv_rope(nh, nkv, hd, K, bias):
         with pytest.raises(RuntimeError, match="hd % 16 == 0"):
             narrow = torch.zeros(rows, 2 * nkv, 8, dtype=BF16, device="cuda")
             ops.gemv_rope(x[:1], w, b, q[:1], rope[:, :, :8].contiguous(), positions[:1], kv_rows[:1], narrow, narrow)
+
+
+@pytest.mark.parametrize("B,V", [(1, 128256), (6, 152064), (128, 128256), (6, 8), (7, 8200), (6, 32768)])
+def test_argmax(B, V):
+    """Greedy sampling's kernel picks what torch's argmax(-1) picks on the GPU: ties to the first
+    index (inside one CTA's span and across spans), -0 equal to +0, infinities, a NaN above every
+    number; rows may be strided."""
+    ops = build_ext.load()
+    g = torch.Generator("cuda").manual_seed(B * V)
+    x = torch.randn(B, V + 16, generator=g, device="cuda").bfloat16()[:, :V]   # rows V + 16 apart
+    x[0, [3, V // 2, V - 1]] = 60.0                                            # ties across spans
+    if B > 1:
+        special = torch.tensor([-0.0, 0.0, float("nan"), float("inf"), float("-inf")], dtype=BF16, device="cuda")
+        x[1] = 1.0                                                             # all ties
+        x[2] = -1.0
+        x[2, [V // 3, V - 1]] = special[:2]                                    # -0 first: it wins
+        x[3, [V - 1, V // 2, V // 2 + 1]] = special[[2, 2, 3]]                 # the first NaN
+        x[4] = special[4]
+        x[5] = special[4]
+        x[5, 0] = special[2]
+    out = torch.full((B,), -1, dtype=torch.long, device="cuda")
+    ops.argmax(x, out)
+    assert torch.equal(out, x.argmax(-1)), (out[:8], x.argmax(-1)[:8])
+    assert torch.equal(engine.argmax(x, ops), x.argmax(-1))
+    with pytest.raises(RuntimeError, match="V % 8 == 0"):
+        ops.argmax(x[:, :V - 1], out)
