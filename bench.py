@@ -572,13 +572,14 @@ def cmd_gemm(args, d):
     model = models.build(module.Transformer, dataclasses.replace(cfg, n_layers=1), d, torch.bfloat16).init_random_()
     layer, ext = model.layers[0], model.ext
     bw, l2 = copy_bandwidth(d), torch.cuda.get_device_properties(d.device).L2_cache_size
-    shapes = {"qkv": layer.attn.qkv.weight, "o_proj": layer.attn.o.weight, "gate_up": layer.mlp.gate_up.weight,
-              "down": layer.mlp.down.weight, "lm_head": model.head.weight}
+    shapes = {"qkv": layer.attn.qkv, "o_proj": layer.attn.o, "gate_up": layer.mlp.gate_up, "down": layer.mlp.down,
+              "lm_head": model.head}
     head = ["layer", "N x K", "M", "floor us"] + [f"{k} {x}" for k in ("cuBLAS", "cuBLASLt", "gemv")
                                                  for x in ("us", "% of floor")]
     table, rows = [head], []
     g = torch.Generator(d.device).manual_seed(0)
-    for name, w in shapes.items():
+    for name, m in shapes.items():
+        w, pdl = m.weight, getattr(m, "pdl", True)    # gemv launched as the model launches it
         N, K = w.shape
         size = w.numel() * w.element_size()
         copies = [w] + [w.clone() for _ in range(-(-2 * l2 // size))]
@@ -591,7 +592,7 @@ def cmd_gemm(args, d):
             act = torch.empty(M, N // 2 if swiglu else N, dtype=w.dtype, device=w.device)
             fns = {"cublas": lambda w: after(F.linear(x, w)), "lt": lambda w: after(torch.addmm(zero, x, w.t()))}
             if ext is not None and M <= ext.limits["gemv_max_m"] and name != "lm_head":
-                fns["gemv"] = lambda w: ext.gemv.unchecked(x, w, None, act, swiglu)
+                fns["gemv"] = lambda w: ext.gemv.unchecked(x, w, None, act, swiglu, pdl)
             row = {"layer": name, "N": N, "K": K, "M": M, "floor_us": floor}
             row |= {k: graph_us([functools.partial(f, copies[i % len(copies)]) for i in range(24)], args.iters)
                     for k, f in fns.items()}

@@ -279,7 +279,7 @@ def _check_silu_mul(limits, gate_up, out):
                            f"{tuple(gate_up.shape)} and {tuple(out.shape)}")
 
 
-def _check_gemv(limits, x, w, bias, out, swiglu):
+def _check_gemv(limits, x, w, bias, out, swiglu, pdl=True):
     op = "gemv"
     M, N = _check_gemv_operands(op, limits, x, w, bias, out)
     if swiglu and (N % 2 or bias is not None):

@@ -116,13 +116,13 @@ def small(x, ext) -> bool:
         and x.stride(0) % 8 == 0 and x.stride(1) == 1 and x.data_ptr() % 16 == 0
 
 
-def linear(x, weight, ext, bias=None, out=None):
+def linear(x, weight, ext, bias=None, out=None, pdl=True):
     """x (T, K) -> x W^T + b (T, N), or x W^T into out: multimem_ops.cu's gemv, a stream over the
-    weights, for a few tokens (ext None: always cuBLAS)."""
+    weights, for a few tokens (ext None: always cuBLAS); pdl: as gemv's (launch_gemv)."""
     assert bias is None or out is None, "a bias or an out, not both"
     if small(x, ext):
         out = x.new_empty(x.shape[0], weight.shape[0]) if out is None else out
-        ext.gemv.unchecked(x, weight, bias, out, False)
+        ext.gemv.unchecked(x, weight, bias, out, False, pdl)
         return out
     return F.linear(x, weight, bias) if out is None else torch.mm(x, weight.t(), out=out)
 
@@ -160,9 +160,9 @@ class RowParallel(nn.Module):
     """This rank's partial of y = x W^T, W's input features split across ranks; the sum over
     ranks happens at the comm point. Writes straight into `out` (the comm buffer): no copy."""
 
-    def __init__(self, d: Dist, in_features: int, out_features: int, ext, what: str = "features"):
+    def __init__(self, d: Dist, in_features: int, out_features: int, ext, what: str = "features", pdl: bool = True):
         super().__init__()
-        self.d, self.ext, self.n = d, ext, shard(in_features, d, what)
+        self.d, self.ext, self.n, self.pdl = d, ext, shard(in_features, d, what), pdl
         self.weight = nn.Parameter(torch.empty(out_features, self.n), requires_grad=False)
         self.register_buffer("zero", torch.zeros(out_features), persistent=False)   # cuBLASLt's bias
 
@@ -170,7 +170,7 @@ class RowParallel(nn.Module):
         if x.is_cuda and x.shape[0] in LT_TOKENS:
             torch.addmm(self.zero, x, self.weight.t(), out=out)
         else:
-            linear(x, self.weight, self.ext, out=out)
+            linear(x, self.weight, self.ext, out=out, pdl=self.pdl)
 
     def loader(self):
         r, n = self.d.rank, self.n
@@ -425,7 +425,10 @@ class MLP(nn.Module):
         super().__init__()
         self.ext = ext
         self.gate_up = ColumnParallel(d, cfg.hidden, [cfg.intermediate] * 2, ext, what="MLP features")
-        self.down = RowParallel(d, cfg.intermediate, cfg.hidden, ext, what="MLP features")
+        # down's gemv launches plainly: one wave of long CTAs behind gate/up's many waves spreads
+        # evenly then (multimem_ops.cu, launch_gemv); batch 1 / 8 steps 4.42 / 4.79 -> 4.38 / 4.71 ms
+        # on an H200 at TP 1.
+        self.down = RowParallel(d, cfg.intermediate, cfg.hidden, ext, what="MLP features", pdl=False)
 
     def forward(self, h, batch: Batch):
         """h (T, H): x in, this rank's partial of down_proj out."""

@@ -38,8 +38,8 @@ Kernels:
   gemv_rope                         qkv's gemv with rope_kv_cache in its epilogue: one kernel from
                                     a decode step's x to rotated q and the cache write.
   argmax                            greedy sampling: each row's first index of its largest logit.
-  All but the comm kernel start early behind the kernel before them (programmatic dependent
-  launch, see launch_pdl).
+  All but the comm kernel (and down's gemv, see launch_gemv) start early behind the kernel
+  before them (programmatic dependent launch, see launch_pdl).
 
 Build:
   JIT, as the project uses it:     python build_ext.py      (torch.utils.cpp_extension, sm_90a)
@@ -139,8 +139,8 @@ __device__ __forceinline__ uint4 pack8(const float f[8]) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Programmatic dependent launch (PDL). The kernels of a decode step (all but the comm kernel) are
-// launched with launch_pdl: a kernel's CTAs may start, and set up, while the kernel before it in
+// Programmatic dependent launch (PDL). The kernels of a decode step (all but the comm kernel and
+// down's gemv) are launched with launch_pdl: a kernel's CTAs may start, and set up, while the kernel before it in
 // the stream finishes, and the launch latency between them is hidden. After pdl_wait the previous
 // kernel has completed and its writes are visible. pdl_launch_dependents, only ever after
 // pdl_wait, lets the next kernel launch once every CTA of this one has called it or exited: so at
@@ -152,9 +152,10 @@ __device__ __forceinline__ uint4 pack8(const float f[8]) {
 __device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
 __device__ __forceinline__ void pdl_launch_dependents() { asm volatile("griddepcontrol.launch_dependents;"); }
 
+// pdl false: a plain launch of the same kernel (it starts when the one before has completed).
 template <typename... Args>
-cudaError_t launch_pdl(void (*kernel)(Args...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
-                       const Args&... args) {
+cudaError_t launch_maybe_pdl(bool pdl, void (*kernel)(Args...), dim3 grid, dim3 block, size_t smem,
+                             cudaStream_t stream, const Args&... args) {
   cudaLaunchAttribute attr{};
   attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr.val.programmaticStreamSerializationAllowed = 1;
@@ -164,8 +165,14 @@ cudaError_t launch_pdl(void (*kernel)(Args...), dim3 grid, dim3 block, size_t sm
   config.dynamicSmemBytes = smem;
   config.stream = stream;
   config.attrs = &attr;
-  config.numAttrs = 1;
+  config.numAttrs = pdl ? 1 : 0;
   return cudaLaunchKernelEx(&config, kernel, args...);
+}
+
+template <typename... Args>
+cudaError_t launch_pdl(void (*kernel)(Args...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                       const Args&... args) {
+  return launch_maybe_pdl(true, kernel, grid, block, smem, stream, args...);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1115,16 +1122,20 @@ __global__ void __launch_bounds__(gemv::THREADS, gemv::MIN_CTAS) gemv_kernel(con
   }
 }
 
-cudaError_t launch_gemv(const GemvParams& p, gemv::Epilogue epi, cudaStream_t stream) {
+// pdl false: for one wave of long CTAs behind a kernel of many waves (down behind gate/up). Launched
+// early, its CTAs can only land on the SMs that kernel's last wave frees first, so some SMs likely
+// hold three and others one, and the kernel lasts as long as its fullest SM; launched plainly, they
+// spread evenly. (The step was measured, not the placement: llama.MLP has the figures.)
+cudaError_t launch_gemv(const GemvParams& p, gemv::Epilogue epi, bool pdl, cudaStream_t stream) {
   using namespace gemv;
   if (p.M < 1 || p.M > MAX_M || p.N < 1 || p.K < 8 || p.K % 8 || (epi == SWIGLU && (p.N % 2 || p.bias)) ||
       (epi == ROPE && (p.hd < 16 || p.hd % 16 || p.nh < 1 || p.nkv < 1 || p.N != (p.nh + 2 * p.nkv) * p.hd)))
     return cudaErrorInvalidValue;
   const unsigned grid = epi == SWIGLU ? (p.N / 2 + 7) / 8 : (p.N + ROWS - 1) / ROWS;
   switch (epi) {
-    case SWIGLU: return launch_pdl(gemv_kernel<SWIGLU>, grid, THREADS, 0, stream, p);
-    case ROPE: return launch_pdl(gemv_kernel<ROPE>, grid, THREADS, 0, stream, p);
-    default: return launch_pdl(gemv_kernel<STORE>, grid, THREADS, 0, stream, p);
+    case SWIGLU: return launch_maybe_pdl(pdl, gemv_kernel<SWIGLU>, grid, THREADS, 0, stream, p);
+    case ROPE: return launch_maybe_pdl(pdl, gemv_kernel<ROPE>, grid, THREADS, 0, stream, p);
+    default: return launch_maybe_pdl(pdl, gemv_kernel<STORE>, grid, THREADS, 0, stream, p);
   }
 }
 
@@ -1363,11 +1374,12 @@ tw::GemvParams gemv_params(const at::Tensor& x, const at::Tensor& w, const std::
   return p;
 }
 
-std::string gemv(at::Tensor x, at::Tensor w, std::optional<at::Tensor> bias, at::Tensor out, bool swiglu) {
+std::string gemv(at::Tensor x, at::Tensor w, std::optional<at::Tensor> bias, at::Tensor out, bool swiglu,
+                 bool pdl) {
   if (x.size(0) == 0) return "";
   const c10::cuda::CUDAGuard guard(x.device());
   return cuda_error("gemv", tw::launch_gemv(gemv_params(x, w, bias, out), swiglu ? tw::gemv::SWIGLU : tw::gemv::STORE,
-                                            c10::cuda::getCurrentCUDAStream()));
+                                            pdl, c10::cuda::getCurrentCUDAStream()));
 }
 
 std::string gemv_rope(at::Tensor x, at::Tensor w, std::optional<at::Tensor> bias, at::Tensor q, at::Tensor rope,
@@ -1383,7 +1395,7 @@ std::string gemv_rope(at::Tensor x, at::Tensor w, std::optional<at::Tensor> bias
   p.hd = static_cast<int>(k_cache.size(2));
   p.nh = static_cast<int>(q.size(1) / p.hd);
   const c10::cuda::CUDAGuard guard(x.device());
-  return cuda_error("gemv_rope", tw::launch_gemv(p, tw::gemv::ROPE, c10::cuda::getCurrentCUDAStream()));
+  return cuda_error("gemv_rope", tw::launch_gemv(p, tw::gemv::ROPE, true, c10::cuda::getCurrentCUDAStream()));
 }
 
 std::string argmax(at::Tensor logits, at::Tensor out) {
@@ -1441,8 +1453,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv", &gemv,
         "out [M, N] <- x [M, K] w^T (+ bias [N]) for M <= gemv_max_m tokens (rows of x and out may be "
         "strided, 16-byte aligned); swiglu: w is [gate; up] [2I, K], out [M, I] <- silu(gate) * up; "
-        "K % 8 == 0",
-        py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("out"), py::arg("swiglu"));
+        "K % 8 == 0; pdl false: a plain launch instead of a programmatic one (one wave of long CTAs behind "
+        "a kernel of many waves)",
+        py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("out"), py::arg("swiglu"), py::arg("pdl") = true);
   m.def("gemv_rope", &gemv_rope,
         "gemv with rope_kv_cache in its epilogue: qkv = x [M, K] w^T (+ bias) for w [(nh + 2 nkv) hd, K], "
         "then q rotated into q [M, nh hd] (rows may be strided), k rotated into k_cache[kv_rows[m]] and v "

@@ -454,7 +454,8 @@ def test_silu_mul(T, I):
 def test_gemv(N, K):
     """The decode GEMM against fp32: within bf16 rounding and no worse than cuBLAS, at every token
     count it takes (x a strided view), with and without a bias. A token's row is bitwise the same at
-    any M. The SwiGLU epilogue is bitwise gemv followed by silu_mul."""
+    any M, and the same launched plainly (pdl false). The SwiGLU epilogue is bitwise gemv followed
+    by silu_mul."""
     ops = build_ext.load()
     g = torch.Generator("cuda").manual_seed(N + K)
     most = ops.limits["gemv_max_m"]
@@ -474,6 +475,9 @@ def test_gemv(N, K):
             assert err < 8e-3 and err <= 1.2 * cublas_err + 1e-4, (M, b is None, err, cublas_err)
             first.setdefault(b is None, out[:1].clone())
             assert torch.equal(out[:1], first[b is None]), f"token 0's row changed with M = {M}"
+            plain_launch = torch.full_like(out, float("nan"))
+            ops.gemv(x[:M], w, b, plain_launch, False, False)
+            assert torch.equal(plain_launch, out), f"the plain launch differs, M = {M}"
     if N % 16 == 0:                                    # silu_mul's I % 8 == 0
         for M in (1, 5, most):
             act = torch.full((M, N // 2), float("nan"), device="cuda").bfloat16()
