@@ -140,15 +140,15 @@ __device__ __forceinline__ uint4 pack8(const float f[8]) {
 
 // ---------------------------------------------------------------------------------------------
 // Programmatic dependent launch (PDL). The kernels of a decode step (all but the comm kernel and
-// down's gemv) are launched with launch_pdl: a kernel's CTAs may start, and set up, while the kernel before it in
-// the stream finishes, and the launch latency between them is hidden. After pdl_wait the previous
-// kernel has completed and its writes are visible. pdl_launch_dependents, only ever after
-// pdl_wait, lets the next kernel launch once every CTA of this one has called it or exited: so at
-// most two kernels are in flight, the next one's CTAs only take the SMs that this one's last CTAs
-// leave, and when a kernel starts, every kernel but the one just before it has completed. So
-// before pdl_wait a kernel may read anything but what that one kernel writes: a norm weight, and in
-// decode attention the step's metadata and the keys of earlier steps. Where the launch was plain,
-// or the previous kernel is not ours (cuBLAS, torch), both are harmless.
+// down's gemv) are launched with launch_pdl: a kernel's CTAs may start, and set up, while the
+// kernel before it in the stream finishes, and the launch latency between them is hidden. After
+// pdl_wait the previous kernel has completed and its writes are visible. pdl_launch_dependents,
+// only ever after pdl_wait, lets the next kernel launch once every CTA of this one has called it or
+// exited: so at most two kernels are in flight, the next one's CTAs only take the SMs that this
+// one's last CTAs leave, and when a kernel starts, every kernel but the one just before it has
+// completed. So before pdl_wait a kernel may read anything but what that one kernel writes: a norm
+// weight, and in decode attention the step's metadata and the keys of earlier steps. Where the
+// launch was plain, or the previous kernel is not ours (cuBLAS, torch), both are harmless.
 __device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
 __device__ __forceinline__ void pdl_launch_dependents() { asm volatile("griddepcontrol.launch_dependents;"); }
 
@@ -1224,7 +1224,8 @@ __global__ void __launch_bounds__(argmax::THREADS) argmax_final_kernel(const Arg
 int argmax_parts(int V) { return (V + argmax::SPAN - 1) / argmax::SPAN; }
 
 cudaError_t launch_argmax(const ArgmaxParams& p, cudaStream_t stream) {
-  if (p.B < 1 || p.V < 1 || p.V % 8 || p.ld % 8 || p.ld < p.V || p.parts != argmax_parts(p.V)) return cudaErrorInvalidValue;
+  if (p.B < 1 || p.V < 1 || p.V % 8 || p.ld % 8 || p.ld < p.V || p.parts != argmax_parts(p.V))
+    return cudaErrorInvalidValue;
   constexpr int ROWS = argmax::THREADS / 32;
   cudaError_t e = launch_pdl(argmax_parts_kernel, dim3(p.parts, p.B), dim3(argmax::THREADS), 0, stream, p);
   if (e == cudaSuccess)
