@@ -716,16 +716,25 @@ __global__ void __launch_bounds__(attn::THREADS) decode_attention_kernel(const D
   const int chunk = ((len + slices - 1) / slices + TILE - 1) / TILE * TILE;
   const int begin = split * chunk, end = min(len, begin + chunk);
   const int tiles = (end - begin + TILE - 1) / TILE;
-  const size_t key_stride = static_cast<size_t>(p.nkv) * HD;
   const size_t head0 = (static_cast<size_t>(p.kv_starts[b]) * p.nkv + h) * HD;
 
+  // A thread copies the same 16 bytes (col) of rows r, r + PASS, r + 2 PASS, ... of every tile, K and
+  // V, so that a copy's address is one multiply-add from its key: index math per copy would be most
+  // of the loop's instructions.
+  constexpr int PASS = THREADS / (HD / 8);   // rows a pass of the CTA copies
+  static_assert(TILE % PASS == 0, "whole passes a tile");
+  const int r = threadIdx.x / (HD / 8), col = threadIdx.x % (HD / 8) * 8;
+  const unsigned key_bytes = static_cast<unsigned>(p.nkv * HD * sizeof(__nv_bfloat16));   // a cache row
+  const char* k_col = reinterpret_cast<const char*>(p.k_cache + head0 + col);
+  const char* v_col = reinterpret_cast<const char*>(p.v_cache + head0 + col);
   auto load_tile = [&](int tile, int stage) {
-    __nv_bfloat16* ks = smem + stage * STAGE;
-    for (int c = threadIdx.x; c < TILE * HD / 8; c += THREADS) {
-      const int r = c / (HD / 8), col = c % (HD / 8) * 8, key = begin + tile * TILE + r;
-      const size_t at = head0 + static_cast<size_t>(key < end ? key : begin) * key_stride + col;
-      cp_async16(ks + r * ROW + col, p.k_cache + at, key < end);
-      cp_async16(ks + (TILE + r) * ROW + col, p.v_cache + at, key < end);
+    __nv_bfloat16* ks = smem + stage * STAGE + r * ROW + col;
+#pragma unroll
+    for (int i = 0; i < TILE / PASS; ++i) {
+      const int key = begin + tile * TILE + r + i * PASS;
+      const size_t at = static_cast<size_t>(static_cast<unsigned>(key < end ? key : begin)) * key_bytes;
+      cp_async16(ks + i * PASS * ROW, k_col + at, key < end);
+      cp_async16(ks + (TILE + i * PASS) * ROW, v_col + at, key < end);
     }
   };
   // One commit group per tile, empty past the last, so that waiting for all but STAGES - 2 groups
