@@ -823,17 +823,21 @@ __global__ void __launch_bounds__(attn::THREADS) decode_attention_kernel(const D
   cp_async_wait<0>();            // only empty groups are left; then the tiles' memory is free
   __syncthreads();
 
-  // Merge the 4 warps (shared memory is free now): thread d owns dimension d of every head.
+  // Merge the 4 warps (shared memory is free now): thread d owns dimension d of every head. red_o's
+  // rows are padded, so that a warp's stores (8 rows at once) spread over 4 bank groups, not 1; the
+  // G heads merge side by side, without a branch between them, so that their loads and exp2s overlap
+  // (head after head, the epilogue took ~1.5 us of a CTA's ~12.5 at batch 32 x 1K on an H200).
+  constexpr int RED_ROW = HD + 8;
   l += __shfl_xor_sync(0xffffffffu, l, 1);
   l += __shfl_xor_sync(0xffffffffu, l, 2);
-  float* red_o = reinterpret_cast<float*>(smem_raw);       // [WARPS][MAX_G][HD]
-  float* red_m = red_o + WARPS * MAX_G * HD;               // [WARPS][MAX_G]
+  float* red_o = reinterpret_cast<float*>(smem_raw);       // [WARPS][MAX_G][RED_ROW]
+  float* red_m = red_o + WARPS * MAX_G * RED_ROW;          // [WARPS][MAX_G]
   float* red_l = red_m + WARPS * MAX_G;
   if (g < G) {
 #pragma unroll
     for (int n = 0; n < HD / 8; ++n) {
-      red_o[(warp * MAX_G + g) * HD + 8 * n + 2 * t4] = o[n][0];
-      red_o[(warp * MAX_G + g) * HD + 8 * n + 2 * t4 + 1] = o[n][1];
+      red_o[(warp * MAX_G + g) * RED_ROW + 8 * n + 2 * t4] = o[n][0];
+      red_o[(warp * MAX_G + g) * RED_ROW + 8 * n + 2 * t4 + 1] = o[n][1];
     }
     if (t4 == 0) {
       red_m[warp * MAX_G + g] = m;
@@ -842,27 +846,31 @@ __global__ void __launch_bounds__(attn::THREADS) decode_attention_kernel(const D
   }
   __syncthreads();
   const int d = threadIdx.x;
+  float M[G], L[G], O[G];
+#pragma unroll
+  for (int gg = 0; gg < G; ++gg) {
+    M[gg] = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) M[gg] = fmaxf(M[gg], red_m[w * MAX_G + gg]);
+    const float base = M[gg] == -INFINITY ? 0.f : M[gg];   // no key at all: every weight is exp2(-inf) = 0
+    L[gg] = O[gg] = 0.f;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) {
+      const float c = exp2f(red_m[w * MAX_G + gg] - base);
+      L[gg] += red_l[w * MAX_G + gg] * c;
+      O[gg] += red_o[(w * MAX_G + gg) * RED_ROW + d] * c;
+    }
+  }
   const size_t slice_rows = static_cast<size_t>(p.batch) * p.nh;   // rows of one slice in part_o
 #pragma unroll
   for (int gg = 0; gg < G; ++gg) {
-    float M = -INFINITY, L = 0.f, O = 0.f;
-#pragma unroll
-    for (int w = 0; w < WARPS; ++w) M = fmaxf(M, red_m[w * MAX_G + gg]);
-    if (M != -INFINITY) {
-#pragma unroll
-      for (int w = 0; w < WARPS; ++w) {
-        const float c = exp2f(red_m[w * MAX_G + gg] - M);
-        L += red_l[w * MAX_G + gg] * c;
-        O += red_o[(w * MAX_G + gg) * HD + d] * c;
-      }
-    }
     const size_t row = static_cast<size_t>(b) * p.nh + h * G + gg;
-    const float val = L > 0.f ? O / L : 0.f;
+    const float val = L[gg] > 0.f ? O[gg] / L[gg] : 0.f;
     if (slices == 1) {
       p.out[row * HD + d] = __float2bfloat16_rn(val);
     } else {
       p.part_o[(split * slice_rows + row) * HD + d] = val;
-      if (d == 0) p.part_lse[split * slice_rows + row] = L > 0.f ? M + log2f(L) : -INFINITY;
+      if (d == gg) p.part_lse[split * slice_rows + row] = L[gg] > 0.f ? M[gg] + log2f(L[gg]) : -INFINITY;
     }
   }
 }
