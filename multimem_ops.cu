@@ -823,11 +823,13 @@ __global__ void __launch_bounds__(attn::THREADS) decode_attention_kernel(const D
   cp_async_wait<0>();            // only empty groups are left; then the tiles' memory is free
   __syncthreads();
 
-  // Merge the 4 warps (shared memory is free now): thread d owns dimension d of every head. red_o's
-  // rows are padded, so that a warp's stores (8 rows at once) spread over 4 bank groups, not 1; the
-  // G heads merge side by side, without a branch between them, so that their loads and exp2s overlap
-  // (head after head, the epilogue took ~1.5 us of a CTA's ~12.5 at batch 32 x 1K on an H200).
+  // Merge the 4 warps (shared memory is free now): thread d owns dimension d of every head. The CTAs
+  // of a wave reach this epilogue together, so its latency is the kernel's: red_o's rows are padded,
+  // so that a warp's stores (8 rows at once) spread over 4 bank groups, not 1, and the G heads merge
+  // side by side, without a branch between them, so that their loads and exp2s overlap.
   constexpr int RED_ROW = HD + 8;
+  static_assert((WARPS * MAX_G * RED_ROW + 2 * WARPS * MAX_G) * sizeof(float) <= STAGES * STAGE * sizeof(__nv_bfloat16),
+                "the merge fits in the tiles' shared memory");
   l += __shfl_xor_sync(0xffffffffu, l, 1);
   l += __shfl_xor_sync(0xffffffffu, l, 2);
   float* red_o = reinterpret_cast<float*>(smem_raw);       // [WARPS][MAX_G][RED_ROW]
