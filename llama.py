@@ -301,10 +301,10 @@ class Attention(nn.Module):
     def qkv_rope(self, h, batch: Batch):
         """h (T, H) -> q (T, nh, hd) rotated; the step's keys (rotated) and values go into the cache."""
         T, nh, nkv, hd = h.shape[0], self.nh, self.nkv, self.hd
-        if small(h, self.qkv.ext) and hd % 16 == 0:   # one kernel: RoPE and the cache write in the GEMM's epilogue
+        if small(h, self.ext) and hd % 16 == 0:   # one kernel: RoPE and the cache write in the GEMM's epilogue
             q = h.new_empty(T, nh, hd)
-            self.qkv.ext.gemv_rope.unchecked(h, self.qkv.weight, self.qkv.bias, q.view(T, nh * hd), self.rope,
-                                             batch.positions, batch.kv_rows, self.k_cache, self.v_cache)
+            self.ext.gemv_rope.unchecked(h, self.qkv.weight, self.qkv.bias, q.view(T, nh * hd), self.rope,
+                                         batch.positions, batch.kv_rows, self.k_cache, self.v_cache)
             return q
         qkv = self.qkv(h)                                                     # (T, (nh + 2 nkv) hd)
         if self.ext is not None:      # one kernel: q rotated in place, k and v into the cache
@@ -432,9 +432,9 @@ class MLP(nn.Module):
 
     def forward(self, h, batch: Batch):
         """h (T, H): x in, this rank's partial of down_proj out."""
-        if small(h, self.gate_up.ext):    # the activation in the gate/up GEMM's epilogue: the same bits
+        if small(h, self.ext):    # the activation in the gate/up GEMM's epilogue: the same bits
             act = h.new_empty(h.shape[0], self.down.n)                        # (T, I/N)
-            self.gate_up.ext.gemv.unchecked(h, self.gate_up.weight, None, act, True)
+            self.ext.gemv.unchecked(h, self.gate_up.weight, None, act, True)
         else:
             act = swiglu(self.gate_up(h), self.ext)                           # (T, 2I/N) -> (T, I/N)
         self.down(act, out=h)                                                 # (T, H)
