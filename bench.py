@@ -494,16 +494,21 @@ def step_profile(fn) -> dict:
     """Where one step's GPU time goes: its kernels in order (profiler durations), the span from the
     first kernel's start to the last one's end, and the idle time between kernels. Layers are cut
     at the comm points (every kernel named *add_rmsnorm*, two per layer), so each position within a
-    layer gets the median duration over the layers."""
+    layer gets the median duration over the layers, and the median of what it adds to the step: its
+    end minus the end of the kernel before it (with PDL a kernel's duration includes the time its
+    CTAs wait for the one before, so the durations overlap and only these sum to the span)."""
     ks = gpu_kernels(fn, 1)
+    adds = [ks[0][1]] + [max(0.0, s + u - (s0 + u0)) for (s0, u0, _), (s, u, _) in zip(ks, ks[1:])]
     span = max(s + u for s, u, _ in ks) - ks[0][0]
     busy = sum(u for _, u, _ in ks)
     cuts = [i for i, k in enumerate(ks) if "add_rmsnorm" in k[2]]
-    layers = [ks[a + 1:b + 1] for a, b in zip(cuts[0:-1:2], cuts[2::2])]
+    bounds = list(zip(cuts[0:-1:2], cuts[2::2]))
+    layers = [ks[a + 1:b + 1] for a, b in bounds]
     per_layer = []
     if layers and all(len(x) == len(layers[0]) for x in layers):
         for pos in range(len(layers[0])):
-            per_layer.append({"name": layers[0][pos][2][:90], "us": stats([x[pos][1] for x in layers])["median"]})
+            per_layer.append({"name": layers[0][pos][2][:90], "us": stats([x[pos][1] for x in layers])["median"],
+                              "adds_us": stats([adds[a + 1 + pos] for a, _ in bounds])["median"]})
     return {"span_us": span, "busy_us": busy, "idle_us": span - busy, "kernels": len(ks), "layers": len(layers),
             "head_us": sum(u for _, u, _ in ks[:cuts[0] + 1]) if cuts else 0.0,
             "tail": [{"name": n[:90], "us": u} for _, u, n in ks[cuts[-1] + 1:]] if cuts else [],
@@ -513,7 +518,7 @@ def step_profile(fn) -> dict:
 def profile_text(p: dict, what: str) -> str:
     lines = [f"  profile, {what}: {p['kernels']} kernels over {p['span_us']:.0f} us, busy {p['busy_us']:.0f} us, "
              f"idle {p['idle_us']:.0f} us; {p['layers']} layers, head {p['head_us']:.0f} us"]
-    lines += [f"    layer x{p['layers']}: {k['us']:8.1f} us  {k['name']}" for k in p["per_layer"]]
+    lines += [f"    layer x{p['layers']}: {k['us']:8.1f} us, adds {k['adds_us']:6.1f}  {k['name']}" for k in p["per_layer"]]
     lines += [f"    tail:     {k['us']:8.1f} us  {k['name']}" for k in p["tail"]]
     return "\n".join(lines)
 
