@@ -623,16 +623,7 @@ def cmd_gemm(args, d):
 
 def graph_us(calls: list, iters: int) -> float:
     """us per call of these callables captured once, in order, into a CUDA graph and replayed."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):       # warm-up (workspaces, lazy inits) off the capture
-        for c in calls:
-            c()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for c in calls:
-            c()
+    graph, _ = engine.capture_graph(lambda: [c() for c in calls])
     return stats(timed(graph.replay, iters))["median"] * 1e3 / len(calls)
 
 

@@ -251,6 +251,20 @@ def buckets(max_seqs: int) -> list:
     return sorted({b for b in [1, 2, 4, 8, *range(16, max_seqs + 16, 16)] if b < max_seqs} | {max_seqs})
 
 
+def capture_graph(fn, pool=None):
+    """fn() captured into a CUDA graph, after one warm-up call on a side stream (lazy inits and
+    workspaces, which a capture must not do): (graph, what fn returned while captured)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = fn()
+    return graph, out
+
+
 class Runner:
     """Runs steps over a cache of `rows` rows (plus one scratch row that padding rows decode into).
     Decode-only steps replay a CUDA graph of their bucket: the graph was captured over a Batch whose
@@ -279,14 +293,7 @@ class Runner:
             spans, split = [Span(self.scratch, 0, 1)] * bs, self.weaver.split_point(bs)
             data = Batch.layout(spans, [0] * bs, split=split).to(self.d.device)    # the graph's static buffer
             batch = Batch.view(spans, data, split, self.max_k)
-            side = torch.cuda.Stream()             # warm-up (lazy inits, workspaces) off the capture
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                self.weaver(batch)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                logits = self.weaver(batch)
+            graph, logits = capture_graph(lambda: self.weaver(batch), self.pool)
             self.graphs[bs] = graph, data, batch, logits
 
     @torch.no_grad()
