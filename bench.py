@@ -494,7 +494,8 @@ def hf_decode_ms(preset: str, ctx: int, d) -> float:
 
 def step_profile(fn) -> dict:
     """Where one step's GPU time goes: its kernels in order (profiler durations), the span from the
-    first kernel's start to the last one's end, and the idle time between kernels. Layers are cut
+    first kernel's start to the last one's end, the time some kernel runs in it (with PDL the
+    kernels overlap: the union of their intervals) and the idle rest. Layers are cut
     at the comm points (every kernel named *add_rmsnorm*, two per layer), so each position within a
     layer gets the median duration over the layers, and the median of what it adds to the step: its
     end minus the end of the kernel before it (with PDL a kernel's duration includes the time its
@@ -502,7 +503,10 @@ def step_profile(fn) -> dict:
     ks = gpu_kernels(fn, 1)
     adds = [ks[0][1]] + [max(0.0, s + u - (s0 + u0)) for (s0, u0, _), (s, u, _) in zip(ks, ks[1:])]
     span = max(s + u for s, u, _ in ks) - ks[0][0]
-    busy = sum(u for _, u, _ in ks)
+    busy, end = 0.0, float("-inf")
+    for s, u, _ in ks:                 # by start
+        busy += max(0.0, s + u - max(s, end))
+        end = max(end, s + u)
     cuts = [i for i, k in enumerate(ks) if "add_rmsnorm" in k[2]]
     bounds = list(zip(cuts[0:-1:2], cuts[2::2]))
     layers = [ks[a + 1:b + 1] for a, b in bounds]
