@@ -260,5 +260,8 @@ class Weaver:
                     done[i] = self.streams.comm(point)
         if len(halves) == 2:
             self.streams.join()
-        x = torch.cat([buf[half.last_rows] for half, buf in zip(halves, bufs)])   # (B, H) final-normed
+        # (B, H) final-normed. last_rows rise, so T of them are all the rows (a decode step): a view
+        rows = [buf[:half.T] if half.last_rows.shape[0] == half.T else buf[half.last_rows]
+                for half, buf in zip(halves, bufs)]
+        x = rows[0] if len(rows) == 1 else torch.cat(rows)
         return self.comm.gather_vocab(self.model.lm_head(x))[:, :self.model.cfg.vocab]
