@@ -495,11 +495,11 @@ def hf_decode_ms(preset: str, ctx: int, d) -> float:
 def step_profile(fn) -> dict:
     """Where one step's GPU time goes: its kernels in order (profiler durations), the span from the
     first kernel's start to the last one's end, the time some kernel runs in it (with PDL the
-    kernels overlap: the union of their intervals) and the idle rest. Layers are cut
-    at the comm points (every kernel named *add_rmsnorm*, two per layer), so each position within a
-    layer gets the median duration over the layers, and the median of what it adds to the step: its
-    end minus the end of the kernel before it (with PDL a kernel's duration includes the time its
-    CTAs wait for the one before, so the durations overlap and only these sum to the span)."""
+    kernels overlap: the union of their intervals) and the idle rest. Layers are cut at the comm
+    points (every kernel named *add_rmsnorm*, two per layer), so each position within a layer gets
+    the median duration over the layers, and the median of what it adds to the step: its end minus
+    the end of the kernel before it (with PDL a kernel's duration includes the time its CTAs wait
+    for the one before, so the durations overlap and only these sum to the span)."""
     ks = gpu_kernels(fn, 1)
     adds = [ks[0][1]] + [max(0.0, s + u - (s0 + u0)) for (s0, u0, _), (s, u, _) in zip(ks, ks[1:])]
     span = max(s + u for s, u, _ in ks) - ks[0][0]
