@@ -403,6 +403,10 @@ class Engine:
         n, context = len(seq.prompt), self.model.cfg.max_positions
         if n == 0:
             return "the prompt has no tokens"
+        lo, hi = min(seq.prompt), max(seq.prompt)
+        if lo < 0 or hi >= self.model.cfg.vocab:
+            return (f"the prompt has token id {lo if lo < 0 else hi}, outside the model's vocabulary of "
+                    f"{self.model.cfg.vocab} (ids 0 to {self.model.cfg.vocab - 1}); check the tokenizer that made it")
         if n + seq.max_new > context:
             return (f"the prompt has {n} tokens: with {seq.max_new} new tokens it exceeds the model's context "
                     f"of {context}; shorten it or ask for fewer new tokens")

@@ -286,8 +286,11 @@ def test_sampled_tokens_do_not_depend_on_the_batch(small_ckpt, alone):
 def test_prompt_errors_do_not_sink_the_others(small_ckpt, alone):
     prompts, eos, want = alone
     too_long = [5] * 600          # the test model's context is 512
-    got = serve(small_ckpt, comm.Dist(), torch.float32, 4, 16, [prompts[0], too_long, [], prompts[1]], eos)
+    got = serve(small_ckpt, comm.Dist(), torch.float32, 4, 16,
+                [prompts[0], too_long, [], prompts[1], [3, 203, 4], [-1, 5]], eos)    # the test vocabulary: 203
     assert "exceeds the model's context of 512" in got[1][1] and "no tokens" in got[2][1]
+    assert "token id 203, outside the model's vocabulary of 203" in got[4][1]
+    assert "token id -1, outside" in got[5][1]
     assert got[0] == (want[0], None) and got[3] == (want[1], None)
 
 
