@@ -67,7 +67,7 @@ class Batch:
         return self.tokens.shape[0]
 
     @staticmethod
-    def layout(spans: list, tokens: list, seq_ids: list | None = None, split: int | None = None) -> torch.Tensor:
+    def layout(spans: list, tokens: list, seq_ids: list | None = None, split_at: int | None = None) -> torch.Tensor:
         """The step's device vector, on the host: tokens, positions, kv_rows (T each), seq_ids and
         next_pos (n each), then per part (the whole, or halves A and B): last_rows, cu_q, cu_c,
         kv_starts, kv_lens."""
@@ -77,7 +77,7 @@ class Batch:
         out = [list(tokens), [s.start + i for s in spans for i in range(s.n)],
                [s.row + s.start + i for s in spans for i in range(s.n)],
                list(seq_ids) if seq_ids is not None else [0] * len(spans), [s.start + s.n for s in spans]]
-        for part, continues in _parts(spans, split):
+        for part, continues in _parts(spans, split_at):
             ends, single = list(itertools.accumulate(s.n for s in part)), count_single(part)
             out += [[e - 1 for e in ends[:len(ends) - continues]], [0, *ends], [0, *(e - single for e in ends[single:])],
                     [s.row for s in part] + [0], [s.start + s.n for s in part]]
@@ -85,7 +85,7 @@ class Batch:
         return torch.frombuffer(array.array("i", list(itertools.chain.from_iterable(out))), dtype=torch.int32)
 
     @classmethod
-    def view(cls, spans: list, data: torch.Tensor, split: int | None = None, max_k: int | None = None) -> "Batch":
+    def view(cls, spans: list, data: torch.Tensor, split_at: int | None = None, max_k: int | None = None) -> "Batch":
         """The Batch of `spans` over `data`, a vector laid out by `layout` (on the device). Split, its
         halves hold the attention fields and the whole only the token rows. max_k: the bound on any
         span's keys (a graph replays over steps of any context up to it); default this step's."""
@@ -97,22 +97,22 @@ class Batch:
             return data[off - k:off]
         tokens, positions, kv_rows, seq_ids, next_pos = take(T), take(T), take(T), take(n), take(n)
         parts, lo, first = [], 0, 0
-        for part, continues in _parts(spans, split):
+        for part, continues in _parts(spans, split_at):
             m, t, single = len(part), sum(s.n for s in part), count_single(part)
             parts.append(cls(part, tokens[lo:lo + t], positions[lo:lo + t], kv_rows[lo:lo + t],
                              seq_ids[first:first + m], next_pos[first:first + m], take(m - continues),
                              take(m + 1), take(m - single + 1), take(m + 1), take(m), single, max(s.n for s in part),
                              max_k or max(s.start + s.n for s in part)))
             lo, first = lo + t, first + m - continues
-        if split is None:
+        if split_at is None:
             return parts[0]
         return cls(list(spans), tokens, positions, kv_rows, seq_ids, next_pos, None, None, None, None, None,
                    count_single(spans), max(s.n for s in spans), max_k or max(s.start + s.n for s in spans), tuple(parts))
 
     @classmethod
-    def make(cls, spans: list, tokens: list, device, seq_ids: list | None = None, split: int | None = None):
-        """A Batch on `device`: layout, one copy, views."""
-        return cls.view(spans, upload(cls.layout(spans, tokens, seq_ids, split), device), split)
+    def make(cls, spans: list, tokens: list, device, seq_ids: list | None = None, split_at: int | None = None):
+        """A Batch on `device`: layout, one copy, views; split_at: where half B starts, or None."""
+        return cls.view(spans, upload(cls.layout(spans, tokens, seq_ids, split_at), device), split_at)
 
 
 def upload(host: torch.Tensor, device, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -132,11 +132,11 @@ def count_single(spans) -> int:
     return n
 
 
-def _parts(spans, split):
+def _parts(spans, split_at):
     """[(spans of a part, whether its last span goes on in the next part)]."""
-    if split is None:
+    if split_at is None:
         return [(spans, False)]
-    if not 0 < split < sum(s.n for s in spans):
-        raise ValueError(f"split {split} must fall inside the step's {sum(s.n for s in spans)} tokens")
-    a, b, straddles = split_spans(spans, split)
+    if not 0 < split_at < sum(s.n for s in spans):
+        raise ValueError(f"split point {split_at} must fall inside the step's {sum(s.n for s in spans)} tokens")
+    a, b, straddles = split_spans(spans, split_at)
     return [(a, straddles), (b, False)]

@@ -30,15 +30,18 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+import build_ext
 import comm
 import engine
-import llama
+import fastpath
+import group
 import models
 import weave
 from batch import Batch, Span
-from comm import UserError
+from group import UserError
 
 # name -> how the step runs: comm backend, weave mode, GEMM carveout beside the comm, cuDNN for long prompts
+# (the fast path's, where it is on)
 MODES = {"nccl": ("nccl", "off", True, True),           # baseline: NCCL all-reduce + add/RMSNorm, no split
          "fuse-only": ("fused", "off", True, True),     # the fused kernel, no split
          "weave": ("fused", "on", True, True),          # split + overlap + fused kernel
@@ -122,10 +125,13 @@ def say(d, *a):
         print(*a, flush=True)
 
 
-def build_model(args, d: comm.Dist):
-    """A preset (random weights) or a checkpoint directory; bf16 on CUDA, fp32 on the CPU."""
+def build_model(args, d: group.Dist):
+    """A preset (random weights) or a checkpoint directory; bf16 on CUDA, fp32 on the CPU; with the
+    fast path on where it runs, as the engine runs it."""
     dtype = torch.bfloat16 if d.device.type == "cuda" else torch.float32
-    return models.load(os.path.expanduser(args.model), d, dtype, layers=args.layers)
+    model = models.load(os.path.expanduser(args.model), d, dtype, layers=args.layers)
+    fastpath.enable(model)
+    return model
 
 
 def load_tuning(args, model, d):
@@ -144,10 +150,10 @@ def random_tokens(n: int, vocab: int, seed: int) -> list:
 
 @contextlib.contextmanager
 def cudnn_attention(model, on: bool):
-    """Long prompts through cuDNN (the model's default) or FlashAttention's varlen kernel like the rest."""
-    old = [layer.attn.cudnn for layer in model.layers]
-    for layer in model.layers:
-        layer.attn.cudnn = layer.attn.cudnn and on
+    """Long prompts through cuDNN (the fast path's, where it is on) or FlashAttention's varlen kernel."""
+    old = [getattr(layer.attn, "cudnn", False) for layer in model.layers]
+    for layer, c in zip(model.layers, old):
+        layer.attn.cudnn = c and on
     try:
         yield
     finally:
@@ -193,7 +199,7 @@ def cmd_model(args, d):
             for _ in range(args.iters):                     # interleaved rounds
                 for m in args.modes:
                     times[m] += run(m, batches)
-            split = next((weavers[m].split_point(T) for m in args.modes if MODES[m][1] == "on"), None)
+            split = next((weavers[m].split_at(T) for m in args.modes if MODES[m][1] == "on"), None)
             row = {"tokens": T, "seqs": n_seqs, "split": split} | {m: stats(t) for m, t in times.items()}
             rows.append(row)
             say(d, f"  {T:>6} tokens x {n_seqs} seqs: " + ", ".join(f"{m} {row[m]['median']:.2f}" for m in args.modes))
@@ -382,8 +388,8 @@ def cmd_decode(args, d):
     model = build_model(args, d)
     tuning = load_tuning(args, model, d)
     bw = copy_bandwidth(d)
-    ours = model.layers[0].attn.decode_kernel
-    modes = args.modes or (["graphs", "graphs-flash", "graphs-cublas", "eager"] if ours else ["graphs", "eager"])
+    fast = getattr(model.layers[0].attn, "decode_kernel", None) is not None   # the fast path runs here
+    modes = args.modes or (["graphs", "graphs-flash", "graphs-cublas", "eager"] if fast else ["graphs", "eager"])
     modes = [m for m in modes if d.device.type == "cuda" or m == "eager"]
     head = ["batch", "context", "floor ms"] + [f"{m} {x}" for m in modes
                                                for x in ("ms", "pipelined ms", "% of floor", "tok/s", "host ms")]
@@ -400,12 +406,11 @@ def cmd_decode(args, d):
                 continue
             backend = comm.make_comm(args.comm, d, model.cfg.hidden, B, model.norm.weight.dtype)
             for mode in modes:
-                for layer in model.layers:          # -flash: decode tokens through FlashAttention (the baseline)
-                    layer.attn.decode_kernel = ours and not mode.endswith("-flash")
-                    for m in layer.modules():       # -cublas: every GEMM through cuBLAS (the baseline)
-                        if isinstance(m, (llama.ColumnParallel, llama.RowParallel)):
-                            m.ext = None if mode.endswith("-cublas") else model.ext
-                runner = engine.Runner(weave.Weaver(model, backend, "auto", tuning), B * ctx, mode != "eager", ctx)
+                if fast:   # -flash: decode tokens through FlashAttention; -cublas: every GEMM through cuBLAS
+                    off = {"graphs-flash": "decode_attention", "graphs-cublas": "gemv"}.get(mode)
+                    fastpath.enable(model, [p for p in fastpath.PATHS if p != off])
+                runner = engine.Runner(weave.Weaver(model, backend, "auto", tuning), B * ctx, mode != "eager", ctx,
+                                       fastpath.argmax if fast else engine.greedy)
                 for layer in model.layers:          # never time on zeros
                     for c in (layer.attn.k_cache, layer.attn.v_cache):
                         c.normal_(generator=g)
@@ -539,7 +544,7 @@ def cmd_attention(args, d):
     module, cfg = models.config(args.model)
     model = models.build(module.Transformer, dataclasses.replace(cfg, n_layers=1), d, torch.bfloat16)
     attn = model.layers[0].attn
-    if not attn.decode_kernel:
+    if not fastpath.enable(model) or not attn.decode_kernel:
         raise UserError(f"the extension's decode kernel does not serve {args.model} (head dim {attn.hd}, "
                         f"{attn.nh // attn.nkv} query heads a KV head) or it is not built here")
     bw, l2 = copy_bandwidth(d), torch.cuda.get_device_properties(d.device).L2_cache_size
@@ -589,7 +594,9 @@ def cmd_gemm(args, d):
     weights so that none is still in L2; against the floor: the weights' bytes at the copy bandwidth."""
     module, cfg = models.config(args.model)
     model = models.build(module.Transformer, dataclasses.replace(cfg, n_layers=1), d, torch.bfloat16).init_random_()
-    layer, ext = model.layers[0], model.ext
+    if not fastpath.enable(model):
+        raise UserError("bench.py gemm needs the fast path's kernels (a Hopper GPU and nvcc)")
+    layer, ext = model.layers[0], build_ext.load("decode")
     bw, l2 = copy_bandwidth(d), torch.cuda.get_device_properties(d.device).L2_cache_size
     shapes = {"qkv": layer.attn.qkv, "o_proj": layer.attn.o, "gate_up": layer.mlp.gate_up, "down": layer.mlp.down,
               "lm_head": model.head}
@@ -605,13 +612,13 @@ def cmd_gemm(args, d):
         zero = torch.zeros(N, dtype=w.dtype, device=w.device)
         floor = size / bw / 1e3
         swiglu = name == "gate_up"
-        after = (lambda y: llama.swiglu(y, ext)) if swiglu else (lambda y: y)   # noqa: E731
+        after = layer.mlp.act if swiglu else (lambda y: y)   # noqa: E731
         for M in args.batches:
             x = torch.randn(M, K, generator=g, device=d.device).bfloat16()
             act = torch.empty(M, N // 2 if swiglu else N, dtype=w.dtype, device=w.device)
             fns = {"cublas": lambda w: after(F.linear(x, w)), "lt": lambda w: after(torch.addmm(zero, x, w.t()))}
-            if ext is not None and M <= ext.limits["gemv_max_m"] and name != "lm_head":
-                fns["gemv"] = lambda w: ext.gemv.unchecked(x, w, None, act, swiglu, pdl)
+            if M <= ext.limits["gemv_max_m"] and name != "lm_head":
+                fns["gemv"] = lambda w: ext.gemv(x, w, None, act, swiglu, pdl)
             row = {"layer": name, "N": N, "K": K, "M": M, "floor_us": floor}
             row |= {k: graph_us([functools.partial(f, copies[i % len(copies)]) for i in range(24)], args.iters)
                     for k, f in fns.items()}
@@ -761,7 +768,7 @@ def cmd_checkpoint(args, d):
     module, cfg = models.config(args.model)
     out = args.dir
     os.makedirs(out, exist_ok=True)
-    meta = models.build(module.Transformer, cfg, comm.Dist(device=torch.device("meta")), torch.bfloat16)
+    meta = models.build(module.Transformer, cfg, group.Dist(device=torch.device("meta")), torch.bfloat16)
     g = torch.Generator(d.device).manual_seed(0)
     shard, shards, size, index = {}, [], 0, {}
     for name, s in sorted(meta.loaders().items()):
@@ -931,7 +938,7 @@ def main(argv=None):
     try:
         if (multi or args.what in ("kernel", "attention", "gemm")) and not torch.cuda.is_available():
             raise UserError(f"bench.py {args.what} needs CUDA GPUs")
-        d = comm.init_distributed("auto")
+        d = group.init_distributed("auto")
         if multi and d.world < 2:
             raise UserError(f"bench.py {args.what} needs at least 2 ranks: torchrun --nproc-per-node N bench.py ...")
         if args.what == "model" and args.modes is None:

@@ -9,81 +9,18 @@ The fused backend does that in one kernel over torch symmetric memory (multimem_
 reduce-scatter, the add + RMSNorm on the 1/N of the rows this rank owns, and an all-gather of the
 normalized rows. So the residual is partitioned: rank r keeps rows [r*n/N, (r+1)*n/N) only.
 """
-import dataclasses
-import os
-import warnings
-
 import torch
 import torch.distributed as dist
 
-# ----------------------------------------------------------------------------- the process group
+import build_ext
+from group import Dist, UserError
 
-
-class UserError(ValueError):
-    """Bad input or configuration: the message names the flag, file or value and what to do. run.py
-    prints it as one line; any other exception is a bug and keeps its traceback."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Dist:
-    """Where this process sits: its rank among `world`, and among the `local_world` ranks of its host."""
-    rank: int = 0
-    world: int = 1
-    device: torch.device = torch.device("cpu")
-    local_rank: int = 0
-    local_world: int = 1
-
-    @property
-    def group_name(self) -> str:
-        return dist.group.WORLD.group_name
-
-
-def init_distributed(device: str = "auto") -> Dist:
-    """From torchrun's variables (plain `python` is world size 1): NCCL on CUDA, gloo on CPU."""
-    env = lambda name, default: int(os.environ.get(name, default))
-    rank, world = env("RANK", 0), env("WORLD_SIZE", 1)
-    local_rank, local_world = env("LOCAL_RANK", 0), env("LOCAL_WORLD_SIZE", world)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        if torch.cuda.device_count() < local_rank + 1:
-            raise UserError(f"rank {rank} needs GPU {local_rank} but only {torch.cuda.device_count()} "
-                            f"are visible; start fewer processes per node, or run on the CPU")
-        dev = torch.device("cuda", local_rank)
-        torch.cuda.set_device(dev)
-    else:
-        dev = torch.device(device)
-    if world > 1 and not dist.is_initialized():
-        if dev.type == "cuda":
-            dist.init_process_group("nccl", device_id=dev)
-        else:
-            dist.init_process_group("gloo")
-    return Dist(rank, world, dev, local_rank, local_world)
-
-
-def broadcast_from_rank0(t: torch.Tensor, d: Dist) -> torch.Tensor:
-    """Rank 0's t on every rank (sampled tokens: every rank must continue with the same ones)."""
-    t = t.contiguous()
-    if d.world > 1:
-        dist.broadcast(t, src=0)
-    return t
-
-
-def broadcast_object(obj, d: Dist):
-    """Rank 0's obj (anything picklable: prompts read from stdin) on every rank."""
-    if d.world == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0, device=d.device if d.device.type == "cuda" else None)
-    return box[0]
+# ----------------------------------------------------------------------------- the reference op
 
 
 def padded(n: int, world: int) -> int:
     """Rows of a step buffer: a multiple of the world size, so every rank owns as many rows."""
     return -(-n // world) * world
-
-
-# ----------------------------------------------------------------------------- the reference op
 
 
 def add_rmsnorm_(h: torch.Tensor, residual: torch.Tensor, w: torch.Tensor, eps: float, s=None) -> None:
@@ -98,16 +35,19 @@ def add_rmsnorm_(h: torch.Tensor, residual: torch.Tensor, w: torch.Tensor, eps: 
 
 
 class Comm:
-    """One comm point as an in-place op on a step buffer. Two buffers, one per half of a split,
-    so that the two halves never share memory while their work overlaps. The buffers are allocated
-    once, for the largest step: a captured CUDA graph keeps using the same addresses."""
-    name = "local"
+    """What every backend shares: the step buffers a comm point works in, the residual, and the
+    gather of vocab-parallel logits. Two buffers, one per half of a split, so that the two halves
+    never share memory while their work overlaps. The buffers are allocated once, for the largest
+    step: a captured CUDA graph keeps using the same addresses. A backend is called as
+    comm(half, n, residual, w, eps, ctas): the comm point over the first n rows of buffer `half`."""
+    name = ""
     partitioned = False    # residual holds only this rank's 1/N of the rows
 
     def __init__(self, d: Dist, hidden: int, max_tokens: int, dtype: torch.dtype):
         self.d, self.hidden, self.dtype = d, hidden, dtype
         self.max_tokens = padded(max_tokens, d.world)
-        self.ext = load_ext(d) if dtype == torch.bfloat16 and hidden % 8 == 0 else None
+        fits = dtype == torch.bfloat16 and hidden % 8 == 0
+        self.ext = build_ext.try_load("comm", d.device, d.rank) if fits else None   # multimem_ops.cu
         self.bufs = self.allocate((2, self.max_tokens, hidden))
 
     def allocate(self, shape):
@@ -124,13 +64,13 @@ class Comm:
         return torch.zeros(rows, self.hidden, dtype=self.dtype, device=self.d.device)
 
     def __call__(self, half: int, n: int, residual, w, eps: float, ctas: int) -> None:
-        self.add_rmsnorm_(self.bufs[half, :n], residual, w, eps)
+        raise NotImplementedError
 
     def add_rmsnorm_(self, h, residual, w, eps):
         """The local add + RMSNorm: the fused kernel on CUDA (one pass over h and the residual),
         the torch reference elsewhere."""
         if self.ext is not None:
-            self.ext.fused_add_rmsnorm.unchecked(h, residual, w, eps)
+            self.ext.fused_add_rmsnorm(h, residual, w, eps)
         else:
             add_rmsnorm_(h, residual, w, eps)
 
@@ -145,10 +85,15 @@ class Comm:
 
 class LocalComm(Comm):
     """World size 1: no communication, the plain fused add + RMSNorm."""
+    name = "local"
+
+    def __call__(self, half, n, residual, w, eps, ctas):
+        self.add_rmsnorm_(self.bufs[half, :n], residual, w, eps)
 
 
-class NoComm(Comm):
-    """Communication removed (benchmarks only): what TokenWeave is measured against."""
+class NoComm(LocalComm):
+    """Communication removed (benchmarks only): each rank's partial taken as the sum. What
+    TokenWeave is measured against; its text is not the model's."""
     name = "none"
 
     def gather_vocab(self, logits):
@@ -204,9 +149,6 @@ class FusedComm(Comm):
         base = self._handles[0][1].multicast_ptr
         self.multicast = [base and base + self.bufs[half].data_ptr() - self.bufs.data_ptr() for half in range(2)]
         self.transport = "multimem" if self.multicast[0] else "p2p"
-        # This class builds the buffer, peer and flag arguments and the Weaver the residual slices,
-        # so the per-call Python checks (~5 us each, 161 calls per step at 80 layers) are skipped.
-        self.allreduce = self.ext.fused_allreduce_add_rmsnorm.unchecked
         torch.cuda.synchronize()
         dist.barrier()
 
@@ -225,8 +167,8 @@ class FusedComm(Comm):
         return [base + view.data_ptr() - handle.buffer_ptrs[handle.rank] for base in handle.buffer_ptrs]
 
     def __call__(self, half, n, residual, w, eps, ctas):
-        self.allreduce(self.bufs[half, :n], self.peer_bufs[half], self.multicast[half],
-                       self.peer_flags, self.d.rank, residual, w, eps, ctas, self.timeout_s)
+        self.ext.fused_allreduce_add_rmsnorm(self.bufs[half, :n], self.peer_bufs[half], self.multicast[half],
+                                             self.peer_flags, self.d.rank, residual, w, eps, ctas, self.timeout_s)
 
 
 class VirtualRanks:
@@ -234,12 +176,11 @@ class VirtualRanks:
     the reduce-scatter and all-gather phases, CUDA-graph replay, timeouts) and timing its fixed cost
     without NVLink. Rank r's "symmetric" buffer bufs[r] and flags are plain allocations on the one
     device; each rank's launch goes on its own stream with its own rank and every rank's addresses,
-    as FusedComm passes them, through the same argument checks. The ranks spin on each other's
+    as FusedComm passes them. The ranks spin on each other's
     flags, so all launches must be resident at once: N x CTAs must not exceed resident_ctas()."""
 
     def __init__(self, n: int, hidden: int, max_tokens: int, device, timeout_s: float = 30.0):
-        import build_ext
-        self.ext, self.n, self.timeout_s = build_ext.load(), n, timeout_s
+        self.ext, self.n, self.timeout_s = build_ext.load("comm"), n, timeout_s
         self.bufs = torch.zeros(n, padded(max_tokens, n), hidden, dtype=torch.bfloat16, device=device)   # bufs[r]: rank r's
         self.flags = torch.zeros(n, self.ext.limits["max_ctas"] * n, dtype=torch.int32, device=device)
         self.streams = [torch.cuda.Stream(device) for _ in range(n)]
@@ -262,7 +203,8 @@ class VirtualRanks:
             here.wait_stream(self.streams[r])
 
 
-BACKENDS = {c.name: c for c in (NcclComm, GlooComm, FusedComm, NoComm)}
+BACKENDS = {c.name: c for c in (NcclComm, GlooComm, FusedComm, NoComm, LocalComm)}
+CHOICES = ["auto", "fused", "nccl", "gloo", "none"]    # what a user may ask for: local is world size 1's
 
 
 def check_comm(name: str, d: Dist, dtype=torch.bfloat16, hidden: int = 8) -> str:
@@ -270,9 +212,8 @@ def check_comm(name: str, d: Dist, dtype=torch.bfloat16, hidden: int = 8) -> str
     (auto: fused on Hopper with NVLink P2P and a bf16 model, else nccl on CUDA, gloo on CPU; world
     size 1: local). Raises UserError when it cannot run here: called before the checkpoint loads, so
     a wrong choice fails in seconds, not after minutes of loading."""
-    choices = ["auto", *BACKENDS]
-    if name not in choices:
-        raise UserError(f"unknown comm backend {name!r}; choose from {', '.join(choices)}")
+    if name not in CHOICES:
+        raise UserError(f"unknown comm backend {name!r}; choose from {', '.join(CHOICES)}")
     if d.world == 1:
         if name in ("nccl", "fused", "gloo"):
             raise UserError(f"comm {name} needs 2 or more ranks (start with torchrun --nproc-per-node N); "
@@ -295,7 +236,7 @@ def check_comm(name: str, d: Dist, dtype=torch.bfloat16, hidden: int = 8) -> str
 def make_comm(name: str, d: Dist, hidden: int, max_tokens: int, dtype) -> Comm:
     """The comm point backend `name` (see check_comm), with buffers for steps of max_tokens."""
     name = check_comm(name, d, dtype, hidden)
-    return (LocalComm if name == "local" else BACKENDS[name])(d, hidden, max_tokens, dtype)
+    return BACKENDS[name](d, hidden, max_tokens, dtype)
 
 
 def fused_unfit(dtype, hidden: int) -> str:
@@ -311,7 +252,6 @@ def fused_available(d: Dist):
         return False, "no CUDA device"
     if torch.cuda.get_device_capability(d.device)[0] != 9:
         return False, f"{torch.cuda.get_device_name(d.device)} is not a Hopper GPU (sm_90)"
-    import build_ext
     ok, why = build_ext.available()
     if not ok:
         return False, why
@@ -323,17 +263,3 @@ def fused_available(d: Dist):
         return False, "no NVLink/P2P access between the GPUs"
     return True, ""
 
-
-def load_ext(d: Dist):
-    """The compiled kernels where they can be built (Hopper + nvcc), else None: torch fallbacks."""
-    if d.device.type != "cuda":
-        return None
-    import build_ext
-    if not build_ext.available()[0]:
-        return None
-    try:
-        return build_ext.load()
-    except build_ext.BuildError as e:
-        if d.rank == 0:
-            warnings.warn(f"{e}; using torch ops for add + RMSNorm", stacklevel=2)
-        return None

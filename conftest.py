@@ -7,7 +7,7 @@ import socket
 import torch
 import torch.multiprocessing as mp
 
-import comm
+import group
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 32}
@@ -36,14 +36,17 @@ def hf_llama(tmp, **kw):
 
 
 def hf_family(tmp, family, edit=None, **kw):
-    """A tiny random Qwen2 or Mixtral (4 experts, top 2) saved in HF layout by transformers, eager
+    """A tiny random Llama, Qwen2 or Mixtral (4 experts, top 2) saved in HF layout by transformers, eager
     attention and experts; returns (path, model). Matrices get std 1/sqrt(fan in), so the router and
     the argmax have clear winners that TP's last-bit differences cannot flip; transformers leaves
     biases at zero and norms at one, so those are drawn too. edit(model) runs before saving."""
-    from transformers import MixtralConfig, MixtralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM, Qwen2Config,
+                              Qwen2ForCausalLM)
     cfg = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4,
                vocab_size=203, max_position_embeddings=512, attn_implementation="eager") | kw
-    if family == "qwen2":
+    if family == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**cfg))
+    elif family == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(**{"rope_theta": 1e6} | cfg))
     else:
         model = MixtralForCausalLM(MixtralConfig(**dict(num_local_experts=4, experts_implementation="eager") | cfg))
@@ -94,7 +97,7 @@ def _rank(rank, world, port, device, jobs, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     torch.set_num_threads(1)
-    d = comm.init_distributed(device)
+    d = group.init_distributed(device)
     try:
         results = [fn(d, *args) for fn, args in jobs]
         gathered = [None] * world

@@ -17,7 +17,6 @@ import bisect
 import collections
 import dataclasses
 import gc
-import math
 import os
 import time
 import typing
@@ -25,9 +24,11 @@ import typing
 import torch
 import torch.distributed as dist
 
+import fastpath
 import models
 from batch import Batch, Span, upload
-from comm import UserError, broadcast_from_rank0, check_comm, init_distributed, make_comm
+from comm import check_comm, make_comm
+from group import UserError, broadcast_from_rank0, init_distributed
 from weave import Tuning, Weaver, tuning_path
 
 
@@ -189,13 +190,18 @@ class Sampling:
         return float(torch.tensor(self.temperature, dtype=torch.float32)) == 0
 
 
-def sample(logits, s: Sampling, seq_ids, positions, ext=None):
+def greedy(logits):
+    """(B, V) -> (B,) the first index of each row's maximum."""
+    return logits.argmax(-1)
+
+
+def sample(logits, s: Sampling, seq_ids, positions, argmax=greedy):
     """logits (B, V) -> (B,) next tokens, on the device, no host sync. Inverse-CDF sampling with one
     uniform per row drawn from (seed, sequence id, position) alone, so a sequence's text does not
     depend on what runs beside it; top-p keeps the most likely tokens up to that mass (and always
-    the first)."""
+    the first). argmax: greedy's, or the fast path's kernel."""
     if s.greedy:
-        return argmax(logits, ext)
+        return argmax(logits)
     x = logits.float()
     p = torch.softmax((x - x.amax(-1, keepdim=True)) / s.temperature, dim=-1)   # no overflow at tiny T
     idx = None
@@ -210,25 +216,6 @@ def sample(logits, s: Sampling, seq_ids, positions, ext=None):
                       torch.nextafter(total, torch.zeros_like(total)))         # in [0, total)
     choice = torch.searchsorted(c, u, right=True)[:, 0]                       # first c > u: p > 0 there
     return choice if idx is None else idx.gather(-1, choice[:, None])[:, 0]
-
-
-def argmax(logits, ext=None):
-    """(B, V) -> (B,) the first index of each row's maximum, as logits.argmax(-1) gives it. torch's
-    reduction of a few long rows runs on a few SMs (37 us for one row of 128K logits on an H200, 1%
-    of a decode step), so the extension's kernel takes chunks of a row on many CTAs, and without it
-    two passes of torch's do (by k chunks, k up to 256 dividing V)."""
-    B, V = logits.shape
-    if ext is not None and logits.is_cuda and logits.dtype == torch.bfloat16 and V % 8 == 0 and \
-            logits.stride(1) == 1 and logits.stride(0) % 8 == 0 and logits.data_ptr() % 16 == 0:
-        out = torch.empty(B, dtype=torch.long, device=logits.device)
-        ext.argmax.unchecked(logits, out)
-        return out
-    k = math.gcd(V, 256)
-    if k < 16:
-        return logits.argmax(-1)
-    best, at = logits.view(B, k, V // k).max(-1)                 # (B, k) each chunk's max, first index
-    chunk = best.argmax(-1, keepdim=True)                          # (B, 1) the first chunk holding the max
-    return (chunk * (V // k) + at.gather(-1, chunk))[:, 0]
 
 
 def uniform(seed: int, seq_ids, positions):
@@ -272,11 +259,11 @@ class Runner:
     A graph serves sequences of up to max_k positions: attention sizes its grids by that bound (the
     decode kernel its key slices, FlashAttention its splits), so it is the run's longest sequence,
     not the model's context. The graphs keep the addresses of the model's KV cache, which the Runner
-    allocates: one Runner per model at a time."""
+    allocates: one Runner per model at a time. argmax: greedy sampling's (greedy, or the fast path's)."""
 
-    def __init__(self, weaver: Weaver, rows: int, graphs: bool, max_k: int | None = None):
+    def __init__(self, weaver: Weaver, rows: int, graphs: bool, max_k: int | None = None, argmax=greedy):
         self.weaver, self.d, self.scratch = weaver, weaver.comm.d, rows
-        self.use_graphs, self.max_k = graphs, max_k or rows
+        self.use_graphs, self.max_k, self.argmax = graphs, max_k or rows, argmax
         if graphs and self.d.device.type != "cuda":
             raise UserError("CUDA graphs need a CUDA device; use graphs off on the CPU")
         weaver.model.allocate_cache(rows + 1)
@@ -290,9 +277,9 @@ class Runner:
             return
         self.pool = self.pool or torch.cuda.graph_pool_handle()
         for bs in sorted(set(sizes) - set(self.graphs), reverse=True):
-            spans, split = [Span(self.scratch, 0, 1)] * bs, self.weaver.split_point(bs)
-            data = Batch.layout(spans, [0] * bs, split=split).to(self.d.device)    # the graph's static buffer
-            batch = Batch.view(spans, data, split, self.max_k)
+            spans, split_at = [Span(self.scratch, 0, 1)] * bs, self.weaver.split_at(bs)
+            data = Batch.layout(spans, [0] * bs, split_at=split_at).to(self.d.device)    # the graph's static buffer
+            batch = Batch.view(spans, data, split_at, self.max_k)
             graph, logits = capture_graph(lambda: self.weaver(batch), self.pool)
             self.graphs[bs] = graph, data, batch, logits
 
@@ -310,7 +297,7 @@ class Runner:
             graph, data, batch, logits = self.graphs[bucket]
             pad = bucket - B
             upload(Batch.layout(spans + [Span(self.scratch, 0, 1)] * pad, tokens + [0] * pad, seq_ids + [0] * pad,
-                                self.weaver.split_point(bucket)), self.d.device, out=data)
+                                self.weaver.split_at(bucket)), self.d.device, out=data)
         if carry:                     # the step's first T entries are its tokens (batch.py)
             prev, pairs = carry
             at = upload(torch.tensor(pairs, dtype=torch.long), self.d.device)   # (m, 2)
@@ -319,7 +306,7 @@ class Runner:
             logits = self.weaver(batch)
         else:
             graph.replay()
-        nxt = sample(logits[:B], sampling, batch.seq_ids[:B], batch.next_pos[:B], self.weaver.model.ext)
+        nxt = sample(logits[:B], sampling, batch.seq_ids[:B], batch.next_pos[:B], self.argmax)
         return broadcast_from_rank0(nxt, self.d)
 
 
@@ -332,7 +319,7 @@ class Engine:
     once per size: a later call that fits reuses the pool and the graphs."""
 
     def __init__(self, weaver: Weaver, max_seqs: int, max_step_tokens: int, graphs: bool = False,
-                 memory: float = 0.9):
+                 memory: float = 0.9, argmax=greedy):
         if max_step_tokens > weaver.comm.max_tokens:
             raise UserError(f"max_step_tokens {max_step_tokens} exceeds the comm buffers "
                             f"({weaver.comm.max_tokens} tokens)")
@@ -340,6 +327,7 @@ class Engine:
             raise UserError(f"the memory fraction must be in (0, 1], got {memory}")
         self.weaver, self.d, self.model = weaver, weaver.comm.d, weaver.model
         self.max_seqs, self.budget, self.graphs, self.memory = max_seqs, max_step_tokens, graphs, memory
+        self.argmax = argmax
         Scheduler.check_limits(max_seqs, max_step_tokens)
         self.runner, self.rows, self.cap, self.activations = None, 0, None, None
 
@@ -356,7 +344,7 @@ class Engine:
             self.runner = None                                       # the old pool (and graphs) go first
             self.model.allocate_cache(0)
             self.rows = max(self.rows, min(want, self.cap), 1)
-            self.runner = Runner(self.weaver, self.rows, self.graphs, min(needs[-1], self.rows))
+            self.runner = Runner(self.weaver, self.rows, self.graphs, min(needs[-1], self.rows), self.argmax)
         self.runner.capture([b for b in buckets(self.max_seqs) if b <= max(1, min(self.max_seqs, len(ok)))])
 
     def fits(self) -> int:
@@ -516,6 +504,7 @@ class LLM:
 
     model: a checkpoint directory, a hub id, a preset name (random weights; token-id prompts only)
     or None (the demo). tokenizer: this model's models.Tokenizer if the caller has loaded it already.
+    fast: the one-GPU fast path's kernels (fastpath.py) where they can run; off, the plain model.
     The model, the comm buffers, the KV cache and the graphs are freed by close() (or leaving the
     with block); the process group stays (init_distributed made it).
     """
@@ -523,7 +512,7 @@ class LLM:
     def __init__(self, model: str | None = None, *, comm: str = "auto", weave: str = "auto",
                  graphs: str = "auto", tuning=None, max_seqs: int = 256, max_step_tokens: int = 2048,
                  memory: float = 0.9, device: str = "auto", dtype: torch.dtype | None = None,
-                 layers: int | None = None, dist=None, log=None, tokenizer=None):
+                 layers: int | None = None, dist=None, log=None, tokenizer=None, fast: bool = True):
         self.d = dist or init_distributed(device)
         self.log = log or (lambda s: None)
         self.path = models.resolve(model, self.d)
@@ -549,6 +538,7 @@ class LLM:
             raise UserError(f"--max-step-tokens {max_step_tokens} needs {step_bytes / 2**30:.1f} GiB of step buffers, "
                             f"more than this machine has to spare; lower it (2048 is the default)")
         self.model = models.load(self.path, self.d, dtype, layers, self.log)
+        self.fast = fast and fastpath.enable(self.model)
         try:
             self.comm = make_comm(comm, self.d, cfg.hidden, max_step_tokens, dtype)
         except torch.OutOfMemoryError:
@@ -556,7 +546,7 @@ class LLM:
                             f"beside the model; lower it, or use more GPUs") from None
         self.weaver = Weaver(self.model, self.comm, weave, tuning)
         self.engine = Engine(self.weaver, max_seqs, max_step_tokens, graphs == "on" or (graphs == "auto" and cuda),
-                             memory)
+                             memory, fastpath.argmax if self.fast else greedy)
 
     @property
     def comm_name(self) -> str:

@@ -22,8 +22,8 @@ for step in "$@"; do
     env)    run nvidia-smi topo -m; run python3 -c "import torch, os; print(torch.__version__, torch.version.cuda, torch.cuda.nccl.version(), torch.cuda.device_count(), {k: v for k, v in os.environ.items() if 'NVLS' in k or 'MULTICAST' in k})" ;;
     build)  run python3 build_ext.py --sass 2>&1 | tee "$OUT/build.log" ;;
     test)   run python3 -m pytest -q -rs -p no:cacheprovider -n 4 test_weave.py test_engine.py -k cuda 2>&1 | tee "$OUT/test.log"
-            run python3 -m pytest -q -rs -p no:cacheprovider -n 0 test_kernel.py 2>&1 | tee -a "$OUT/test.log" ;;
-    test1)  run python3 -m pytest -q -rs -p no:cacheprovider -n 0 test_kernel.py 2>&1 | tee "$OUT/test1.log"
+            run python3 -m pytest -q -rs -p no:cacheprovider -n 0 test_comm.py test_fastpath.py 2>&1 | tee -a "$OUT/test.log" ;;
+    test1)  run python3 -m pytest -q -rs -p no:cacheprovider -n 0 test_comm.py test_fastpath.py 2>&1 | tee "$OUT/test1.log"
             run python3 -m pytest -q -rs -p no:cacheprovider -n 0 test_engine.py test_cli.py -k cuda 2>&1 | tee -a "$OUT/test1.log" ;;
     alltest) run python3 -m pytest -q -rs 2>&1 | tee "$OUT/test.log" ;;
     kernel) run launch bench.py kernel --out "$OUT/kernel.json" 2>&1 | quiet | tee "$OUT/kernel.log" ;;

@@ -2,19 +2,20 @@
 
 Every layer is built already sharded: rank r of N holds 1/N of the heads and of the MLP's
 intermediate features, and reads only its slice of each checkpoint tensor (models.py loads them).
+This is the plain reference model, torch ops only; on one Hopper GPU the engine swaps in the fast
+path's kernels (fastpath.py), which give the same tokens.
 Shapes in comments: T tokens of the step, H hidden, nh/nkv heads of this rank (local), hd head
 dim, I/N local MLP.
 """
 import dataclasses
 import math
-import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from batch import Batch
-from comm import Dist, UserError, load_ext
+from group import Dist, UserError
 
 # ----------------------------------------------------------------------------- config
 
@@ -83,23 +84,6 @@ def need(c: dict, key: str, default=_MISSING, kind=int, low=1, none=False):
     return v
 
 
-# The real Llama-3.3-70B-Instruct and Llama-3.1-8B-Instruct config.json values, so benchmarks build full shapes.
-PRESETS = {"llama-3.3-70b": dict(
-    model_type="llama", hidden_size=8192, num_hidden_layers=80, num_attention_heads=64,
-    num_key_value_heads=8, head_dim=128, intermediate_size=28672, vocab_size=128256, rms_norm_eps=1e-5,
-    rope_theta=500000.0, rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
-                                           high_freq_factor=4.0, original_max_position_embeddings=8192),
-    tie_word_embeddings=False, max_position_embeddings=131072, eos_token_id=[128001, 128008, 128009],
-    torch_dtype="bfloat16"),
-    # Llama-3.1-8B: the one-GPU shape of the decode and serve benchmarks.
-    "llama-3.1-8b": dict(
-    model_type="llama", hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-    head_dim=128, intermediate_size=14336, vocab_size=128256, rms_norm_eps=1e-5, rope_theta=500000.0,
-    rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                      original_max_position_embeddings=8192),
-    tie_word_embeddings=False, max_position_embeddings=131072, eos_token_id=[128001, 128008, 128009],
-    torch_dtype="bfloat16")}
-
 # ----------------------------------------------------------------------------- sharded layers
 
 
@@ -110,35 +94,18 @@ def shard(n: int, d: Dist, what: str) -> int:
     return n // d.world
 
 
-def small(x, ext) -> bool:
-    """Few enough tokens (a decode step, a short prompt) for the extension's GEMV, in 16-byte rows."""
-    return ext is not None and x.is_cuda and x.shape[0] <= ext.limits["gemv_max_m"] and x.shape[1] % 8 == 0 \
-        and x.stride(0) % 8 == 0 and x.stride(1) == 1 and x.data_ptr() % 16 == 0
-
-
-def linear(x, weight, ext, bias=None, out=None, pdl=True):
-    """x (T, K) -> x W^T + b (T, N), or x W^T into out: multimem_ops.cu's gemv, a stream over the
-    weights, for a few tokens (ext None: always cuBLAS); pdl: as gemv's (launch_gemv)."""
-    assert bias is None or out is None, "a bias or an out, not both"
-    if small(x, ext):
-        out = x.new_empty(x.shape[0], weight.shape[0]) if out is None else out
-        ext.gemv.unchecked(x, weight, bias, out, False, pdl)
-        return out
-    return F.linear(x, weight, bias) if out is None else torch.mm(x, weight.t(), out=out)
-
-
 class ColumnParallel(nn.Module):
     """y = x W^T + b, W's output features split across ranks. Several checkpoint tensors (q, k, v;
     gate, up) can be stacked into one GEMM: each part is sharded on its own."""
 
-    def __init__(self, d: Dist, in_features: int, parts: list, ext, bias: bool = False, what: str = "features"):
+    def __init__(self, d: Dist, in_features: int, parts: list, bias: bool = False, what: str = "features"):
         super().__init__()
-        self.d, self.ext, self.parts = d, ext, [shard(p, d, what) for p in parts]
+        self.d, self.parts = d, [shard(p, d, what) for p in parts]
         self.weight = nn.Parameter(torch.empty(sum(self.parts), in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(sum(self.parts)), requires_grad=False) if bias else None
 
     def forward(self, x):
-        return linear(x, self.weight, self.ext, self.bias)
+        return F.linear(x, self.weight, self.bias)
 
     def loader(self, i: int, param: str = "weight"):
         """Loads checkpoint part i: this rank's rows of it."""
@@ -147,30 +114,17 @@ class ColumnParallel(nn.Module):
         return Shard(dest, (n * self.d.world, *dest.shape[1:]), rows=slice(self.d.rank * n, (self.d.rank + 1) * n))
 
 
-# Steps of this many tokens run a RowParallel GEMM (narrow N: o_proj, down) through cuBLASLt, which
-# torch picks for addmm with a bias: cuBLAS's own choice there is a split-K pass plus a reduce
-# kernel. H200, 8B shapes, us per GEMM over L2-cold weights, cuBLAS vs cuBLASLt at 32, 64 and 96
-# tokens: down 34.1 / 32.0, 36.6 / 32.8, 38.1 / 33.5; o_proj 13.6 / 12.3, 12.2 / 12.7, 15.3 / 12.7. At
-# 16 and 128 tokens cuBLASLt is slower (down 33.3 / 34.7 and 38.1 / 39.1). Measured at TP 1 only: at
-# TP > 1 the GEMMs' K is 1/N of that, and the bound is a guess there.
-LT_TOKENS = range(32, 97)
-
-
 class RowParallel(nn.Module):
     """This rank's partial of y = x W^T, W's input features split across ranks; the sum over
     ranks happens at the comm point. Writes straight into `out` (the comm buffer): no copy."""
 
-    def __init__(self, d: Dist, in_features: int, out_features: int, ext, what: str = "features", pdl: bool = True):
+    def __init__(self, d: Dist, in_features: int, out_features: int, what: str = "features"):
         super().__init__()
-        self.d, self.ext, self.n, self.pdl = d, ext, shard(in_features, d, what), pdl
+        self.d, self.n = d, shard(in_features, d, what)
         self.weight = nn.Parameter(torch.empty(out_features, self.n), requires_grad=False)
-        self.register_buffer("zero", torch.zeros(out_features), persistent=False)   # cuBLASLt's bias
 
     def forward(self, x, out):
-        if x.is_cuda and x.shape[0] in LT_TOKENS:
-            torch.addmm(self.zero, x, self.weight.t(), out=out)
-        else:
-            linear(x, self.weight, self.ext, out=out, pdl=self.pdl)
+        torch.mm(x, self.weight.t(), out=out)
 
     def loader(self):
         r, n = self.d.rank, self.n
@@ -269,30 +223,20 @@ def apply_rope(x, cos, sin):
 
 # ----------------------------------------------------------------------------- attention and MLP
 
-# A sequence alone in a (half-)step with at least this many tokens attends through cuDNN, which ran
-# causal attention 1.8x faster than FlashAttention-2 on an H200 at 16K tokens (3.5 vs 6.5 ms a
-# layer, 8B shape): up to ~18% of a long prefill. cuDNN builds a plan per new shape (a few ms) and
-# costs more host time per call, which pays only for long prompts, and those are few in any run.
-CUDNN_MIN_TOKENS = 4096
-
-
 class Attention(nn.Module):
     """GQA attention over the KV cache (rows, nkv, hd): a sequence holds one contiguous range of rows,
     position p at row span.row + p (batch.py). A step writes its K/V there first, then attends."""
 
-    def __init__(self, cfg: Config, d: Dist, rope: torch.Tensor, ext, cudnn: bool):
+    def __init__(self, cfg: Config, d: Dist, rope: torch.Tensor):
         super().__init__()
         if cfg.n_kv_heads % d.world:
             raise UserError(f"tensor parallel size {d.world} must divide the {cfg.n_kv_heads} KV heads; "
                             f"use a TP size that divides {cfg.n_kv_heads}")
         self.nh, self.nkv, self.hd = cfg.n_heads // d.world, cfg.n_kv_heads // d.world, cfg.head_dim
         q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-        self.qkv = ColumnParallel(d, cfg.hidden, [q, kv, kv], ext, bias=cfg.qkv_bias, what="attention heads")
-        self.o = RowParallel(d, q, cfg.hidden, ext, what="attention heads")
-        self.rope, self.ext, self.cudnn = rope, ext, cudnn   # rope (max_positions, 2, hd), shared by all layers
-        # Decode tokens attend through the extension's kernel where it fits the shape.
-        self.decode_kernel = ext is not None and self.hd == ext.limits["decode_head_dim"] and \
-            self.nh // self.nkv <= ext.limits["decode_max_group"]
+        self.qkv = ColumnParallel(d, cfg.hidden, [q, kv, kv], bias=cfg.qkv_bias, what="attention heads")
+        self.o = RowParallel(d, q, cfg.hidden, what="attention heads")
+        self.rope = rope            # (max_positions, 2, hd), shared by all layers
         self.k_cache = self.v_cache = None
 
     def forward(self, h, batch: Batch):
@@ -304,15 +248,7 @@ class Attention(nn.Module):
     def qkv_rope(self, h, batch: Batch):
         """h (T, H) -> q (T, nh, hd) rotated; the step's keys (rotated) and values go into the cache."""
         T, nh, nkv, hd = h.shape[0], self.nh, self.nkv, self.hd
-        if small(h, self.ext) and hd % 16 == 0:   # one kernel: RoPE and the cache write in the GEMM's epilogue
-            q = h.new_empty(T, nh, hd)
-            self.ext.gemv_rope.unchecked(h, self.qkv.weight, self.qkv.bias, q.view(T, nh * hd), self.rope,
-                                         batch.positions, batch.kv_rows, self.k_cache, self.v_cache)
-            return q
         qkv = self.qkv(h)                                                     # (T, (nh + 2 nkv) hd)
-        if self.ext is not None:      # one kernel: q rotated in place, k and v into the cache
-            self.ext.rope_kv_cache.unchecked(qkv, self.rope, batch.positions, batch.kv_rows, self.k_cache, self.v_cache)
-            return qkv[:, :nh * hd].view(T, nh, hd)
         cos, sin = self.rope[batch.positions].unsqueeze(2).unbind(1)          # (T, 1, hd) each
         qk = apply_rope(qkv[:, :(nh + nkv) * hd].view(T, nh + nkv, hd), cos, sin)   # (T, nh + nkv, hd)
         self.k_cache[batch.kv_rows] = qk[:, nh:]
@@ -322,53 +258,31 @@ class Attention(nn.Module):
     def attend(self, q, batch: Batch):
         """q (T, nh, hd) against the cache, which holds this step's keys and values already. Each
         span's queries see its keys up to their own positions (the causal mask aligned to the span's
-        end). Two calls at most, each reading every span's keys in place: the decode tokens (the
-        extension's split-KV kernel, or FlashAttention), then the prompt chunks (FlashAttention's
-        variable-length kernel). One FlashAttention call for both runs every decode token as a tile of
-        128 queries: `bench.py serve` (1000 x 1024/128, budget 2048, H200) made 2024 output tok/s that
-        way and 3211 with two calls."""
+        end). On CUDA, FlashAttention's variable-length kernel reads every span's keys in place, in
+        two calls at most: the decode tokens (one query each), then the prompt chunks. One call for
+        both would run every decode token as a tile of 128 queries, most of them empty."""
         if not q.is_cuda:
             return attend_reference(q, self.k_cache, self.v_cache, batch)
-        if self.cudnn and len(batch.spans) == 1 and batch.T >= CUDNN_MIN_TOKENS:
-            return self.attend_cudnn(q, batch.spans[0])
         s, n = batch.n_single, len(batch.spans)
-        flash = lambda q, cu_q, kv_starts, kv_lens, max_q: torch.ops.aten._flash_attention_forward(  # noqa: E731
-            q, self.k_cache, self.v_cache, cu_q, kv_starts, max_q, batch.max_k, 0.0, True, False, seqused_k=kv_lens)[0]
         if s == 0:                                                            # prompt chunks only
-            return flash(q, batch.cu_q, batch.kv_starts, batch.kv_lens, batch.max_q)   # (T, nh, hd)
+            return self.flash(q, batch.cu_q, batch.kv_starts, batch.kv_lens, batch.max_q, batch.max_k)
         o = q.new_empty(q.shape)                                              # (T, nh, hd)
-        if self.decode_kernel:
-            self.attend_decode(q[:s], batch.kv_starts[:s], batch.kv_lens[:s], batch.max_k, out=o[:s])
-        else:
-            o[:s] = flash(q[:s], batch.cu_q[:s + 1], batch.kv_starts[:s + 1], batch.kv_lens[:s], 1)
+        self.attend_decode(q[:s], batch, out=o[:s])
         if s < n:
-            o[s:] = flash(q[s:], batch.cu_c, batch.kv_starts[s:], batch.kv_lens[s:], batch.max_q)
+            o[s:] = self.flash(q[s:], batch.cu_c, batch.kv_starts[s:], batch.kv_lens[s:], batch.max_q, batch.max_k)
         return o
 
-    def attend_decode(self, q, kv_starts, kv_lens, max_k: int, out):
-        """out (B, nh, hd) <- one query per sequence, q (B, nh, hd), against its kv_lens[b] keys from
-        cache row kv_starts[b], all of them at most max_k: multimem_ops.cu's decode_attention."""
-        B, slices = q.shape[0], self.ext.decode_slices(max_k)
-        shape = (slices, B, self.nh) if slices > 1 else (0, 0, 0)
-        part_o = torch.empty(*shape, self.hd, dtype=torch.float, device=q.device)   # (slices, B, nh, hd)
-        part_lse = torch.empty(shape, dtype=torch.float, device=q.device)            # (slices, B, nh)
-        self.ext.decode_attention.unchecked(q, self.k_cache, self.v_cache, kv_starts, kv_lens, out, part_o, part_lse,
-                                            max_k, self.hd ** -0.5)
+    def attend_decode(self, q, batch: Batch, out):
+        """out (s, nh, hd) <- the step's s decode tokens (its first spans, one query each) against
+        their keys."""
+        s = q.shape[0]
+        out.copy_(self.flash(q, batch.cu_q[:s + 1], batch.kv_starts[:s + 1], batch.kv_lens[:s], 1, batch.max_k))
 
-    def attend_cudnn(self, q, span):
-        """One long span: plain causal attention if it starts a sequence; after a prefix, two cuDNN
-        calls (the prefix, then the span causally) merged by their log-sum-exp."""
-        rows = slice(span.row, span.row + span.start + span.n)
-        k, v = (c[rows].transpose(0, 1)[None] for c in (self.k_cache, self.v_cache))   # (1, nkv, start + n, hd)
-        q = q.transpose(0, 1)[None]                                           # (1, nh, n, hd)
-        if span.start == 0:
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        else:
-            k, v = (t.repeat_interleave(self.nh // self.nkv, dim=1) for t in (k, v))   # (1, nh, start + n, hd)
-            o1, lse1 = cudnn_attention(q, k[:, :, :span.start], v[:, :, :span.start], causal=False)
-            o2, lse2 = cudnn_attention(q, k[:, :, span.start:], v[:, :, span.start:], causal=True)
-            o = torch.lerp(o2.float(), o1.float(), torch.sigmoid(lse1 - lse2)).to(q.dtype)
-        return o[0].transpose(0, 1)                                           # (n, nh, hd)
+    def flash(self, q, cu_q, kv_starts, kv_lens, max_q: int, max_k: int):
+        """FlashAttention over the cache: span i's queries q[cu_q[i]:cu_q[i + 1]] against kv_lens[i]
+        keys from row kv_starts[i], causal and aligned to the span's end. (T, nh, hd)."""
+        return torch.ops.aten._flash_attention_forward(q, self.k_cache, self.v_cache, cu_q, kv_starts, max_q, max_k,
+                                                       0.0, True, False, seqused_k=kv_lens)[0]
 
     def loaders(self, p: str) -> dict:
         out = {f"{p}.{n}_proj.weight": self.qkv.loader(i) for i, n in enumerate("qkv")}
@@ -392,31 +306,8 @@ def attend_reference(q, k_cache, v_cache, batch: Batch):
     return o
 
 
-def cudnn_attention(q, k, v, causal: bool):
-    """Attention output (1, nh, n, hd) and its log-sum-exp (1, nh, n, 1), from cuDNN."""
-    out = torch.ops.aten._scaled_dot_product_cudnn_attention(q.contiguous(), k, v, None, True, 0.0, causal, False)
-    return out[0], out[1].reshape(out[0].shape[:-1]).unsqueeze(-1).float()
-
-
-def cudnn_works(device: torch.device, dtype) -> str:
-    """'' if cuDNN attention runs here, else why not (an older cuDNN or torch)."""
-    if device.type != "cuda":
-        return "not on CUDA"
-    try:
-        q = torch.zeros(1, 2, 8, 64, device=device, dtype=dtype)
-        cudnn_attention(q, q[:, :, :4], q[:, :, :4], causal=False)
-        return ""
-    except RuntimeError as e:
-        return str(e).splitlines()[0]
-
-
-def swiglu(gate_up, ext):
-    """(T, 2I) [gate | up] -> (T, I) silu(gate) * up, rounded as torch rounds it in bf16 (the silu,
-    then the product): one kernel of the extension where it is loaded, else torch's two."""
-    if ext is not None and gate_up.is_cuda and gate_up.shape[1] % 16 == 0:
-        out = gate_up.new_empty(gate_up.shape[0], gate_up.shape[1] // 2)
-        ext.silu_mul.unchecked(gate_up, out)
-        return out
+def swiglu(gate_up):
+    """(T, 2I) [gate | up] -> (T, I) silu(gate) * up."""
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
 
@@ -424,23 +315,18 @@ def swiglu(gate_up, ext):
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x)), gate and up in one GEMM."""
 
-    def __init__(self, cfg: Config, d: Dist, ext):
+    def __init__(self, cfg: Config, d: Dist):
         super().__init__()
-        self.ext = ext
-        self.gate_up = ColumnParallel(d, cfg.hidden, [cfg.intermediate] * 2, ext, what="MLP features")
-        # down's gemv launches plainly: one wave of long CTAs behind gate/up's many waves spreads
-        # evenly then (multimem_ops.cu, launch_gemv); batch 1 / 8 steps 4.42 / 4.79 -> 4.38 / 4.71 ms
-        # on an H200 at TP 1.
-        self.down = RowParallel(d, cfg.intermediate, cfg.hidden, ext, what="MLP features", pdl=False)
+        self.gate_up = ColumnParallel(d, cfg.hidden, [cfg.intermediate] * 2, what="MLP features")
+        self.down = RowParallel(d, cfg.intermediate, cfg.hidden, what="MLP features")
 
     def forward(self, h, batch: Batch):
         """h (T, H): x in, this rank's partial of down_proj out."""
-        if small(h, self.ext):    # the activation in the gate/up GEMM's epilogue: the same bits
-            act = h.new_empty(h.shape[0], self.down.n)                        # (T, I/N)
-            self.ext.gemv.unchecked(h, self.gate_up.weight, None, act, True)
-        else:
-            act = swiglu(self.gate_up(h), self.ext)                           # (T, 2I/N) -> (T, I/N)
+        act = self.act(self.gate_up(h))                                       # (T, 2I/N) -> (T, I/N)
         self.down(act, out=h)                                                 # (T, H)
+
+    def act(self, gate_up):
+        return swiglu(gate_up)
 
     def loaders(self, p: str) -> dict:
         return {f"{p}.gate_proj.weight": self.gate_up.loader(0), f"{p}.up_proj.weight": self.gate_up.loader(1),
@@ -451,12 +337,12 @@ class MLP(nn.Module):
 
 
 class Layer(nn.Module):
-    def __init__(self, cfg: Config, d: Dist, mlp_cls, rope, ext, cudnn: bool):
+    def __init__(self, cfg: Config, d: Dist, mlp_cls, rope):
         super().__init__()
         self.input_norm = RMSNorm(cfg.hidden, cfg.eps)
-        self.attn = Attention(cfg, d, rope, ext, cudnn)
+        self.attn = Attention(cfg, d, rope)
         self.post_attn_norm = RMSNorm(cfg.hidden, cfg.eps)
-        self.mlp = mlp_cls(cfg, d, ext)
+        self.mlp = mlp_cls(cfg, d)
 
 
 class Transformer(nn.Module):
@@ -467,15 +353,9 @@ class Transformer(nn.Module):
     def __init__(self, cfg: Config, d: Dist):
         super().__init__()
         self.cfg, self.d = cfg, d
-        dtype = torch.get_default_dtype()
-        why = cudnn_works(d.device, dtype)
-        if why and d.device.type == "cuda" and d.rank == 0:
-            warnings.warn(f"cuDNN attention unavailable ({why}); long prompts use FlashAttention (slower)", stacklevel=2)
-        rope = rope_table(cfg, cfg.max_positions, dtype, d.device)
-        ext = load_ext(d) if dtype == torch.bfloat16 and cfg.head_dim % 8 == 0 else None   # attention, MLP, GEMV
-        self.ext = ext
+        rope = rope_table(cfg, cfg.max_positions, torch.get_default_dtype(), d.device)
         self.embed_tokens = VocabParallel(d, cfg.vocab, cfg.hidden)
-        self.layers = nn.ModuleList(Layer(cfg, d, self.MLP, rope, ext, not why) for _ in range(cfg.n_layers))
+        self.layers = nn.ModuleList(Layer(cfg, d, self.MLP, rope) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.hidden, cfg.eps)
         self.head = self.embed_tokens if cfg.tie_embeddings else VocabParallel(d, cfg.vocab, cfg.hidden)
         a = self.layers[0].attn

@@ -14,7 +14,7 @@ from torch import nn
 
 import llama
 from batch import Batch
-from comm import Dist, UserError
+from group import Dist, UserError
 from llama import Shard
 
 
@@ -41,9 +41,9 @@ class MoE(nn.Module):
     """Routing as transformers does it: softmax in fp32 over all experts, top-k, the k weights
     renormalized to sum to 1. Then two grouped GEMMs over the (token, choice) pairs sorted by expert."""
 
-    def __init__(self, cfg: Config, d: Dist, ext):
+    def __init__(self, cfg: Config, d: Dist):
         super().__init__()
-        self.d, self.k, E, H, self.ext = d, cfg.top_k, cfg.n_experts, cfg.hidden, ext
+        self.d, self.k, E, H = d, cfg.top_k, cfg.n_experts, cfg.hidden
         self.n = llama.shard(cfg.intermediate, d, "expert MLP features")                  # I/N
         self.router = nn.Parameter(torch.empty(E, H), requires_grad=False)                # replicated
         self.w13 = nn.Parameter(torch.empty(E, 2 * self.n, H), requires_grad=False)       # [gate; up] rows
@@ -64,9 +64,12 @@ class MoE(nn.Module):
         tokens = order // self.k                                        # (T*k,) the token of each pair
         # One grouped GEMM runs every expert on its rows; mat_b is (E, K, N): the weights transposed.
         gate_up = torch._grouped_mm(x[tokens], self.w13.transpose(1, 2), offs=ends)   # (T*k, 2I/N)
-        y = torch._grouped_mm(llama.swiglu(gate_up, self.ext), self.w2.transpose(1, 2), offs=ends)   # (T*k, H) partial
+        y = torch._grouped_mm(self.act(gate_up), self.w2.transpose(1, 2), offs=ends)   # (T*k, H) partial
         # Weight in fp32, add in h's dtype, pairs in expert order: as transformers' loop over experts.
         h.zero_().index_add_(0, tokens, (y * weights.flatten()[order, None]).to(h.dtype))
+
+    def act(self, gate_up):
+        return llama.swiglu(gate_up)
 
     def loaders(self, p: str) -> dict:
         r, n, H = self.d.rank, self.n, self.w2.shape[1]
@@ -94,11 +97,3 @@ class Transformer(llama.Transformer):
     def loaders(self) -> dict:
         # The hub checkpoints name the block block_sparse_moe where Llama has mlp.
         return {name.replace(".mlp.", ".block_sparse_moe."): f for name, f in super().loaders().items()}
-
-
-# The real Mixtral-8x22B-Instruct-v0.1 config.json values (head_dim spelled out: 6144 / 48).
-PRESETS = {"mixtral-8x22b": dict(
-    model_type="mixtral", hidden_size=6144, num_hidden_layers=56, num_attention_heads=48, num_key_value_heads=8,
-    head_dim=128, intermediate_size=16384, num_local_experts=8, num_experts_per_tok=2, vocab_size=32768,
-    rms_norm_eps=1e-5, rope_theta=1000000.0, sliding_window=None, tie_word_embeddings=False,
-    max_position_embeddings=65536, bos_token_id=1, eos_token_id=2, torch_dtype="bfloat16")}

@@ -19,10 +19,40 @@ import torch.distributed as dist
 import llama
 import mixtral
 import qwen
-from comm import Dist, UserError
+from group import Dist, UserError
 
 FAMILIES = {"llama": llama, "qwen2": qwen, "mixtral": mixtral}   # config.json model_type -> model file
-PRESETS = {name: hf for module in FAMILIES.values() for name, hf in module.PRESETS.items()}   # real config.json values
+# Full-size shapes for benchmarks (random weights): the real config.json values of each model.
+PRESETS = {
+    "llama-3.3-70b": dict(
+        model_type="llama", hidden_size=8192, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
+        head_dim=128, intermediate_size=28672, vocab_size=128256, rms_norm_eps=1e-5, rope_theta=500000.0,
+        rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                          original_max_position_embeddings=8192),
+        tie_word_embeddings=False, max_position_embeddings=131072, eos_token_id=[128001, 128008, 128009],
+        torch_dtype="bfloat16"),
+    # Llama-3.1-8B: the one-GPU shape of the decode and serve benchmarks.
+    "llama-3.1-8b": dict(
+        model_type="llama", hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+        head_dim=128, intermediate_size=14336, vocab_size=128256, rms_norm_eps=1e-5, rope_theta=500000.0,
+        rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                          original_max_position_embeddings=8192),
+        tie_word_embeddings=False, max_position_embeddings=131072, eos_token_id=[128001, 128008, 128009],
+        torch_dtype="bfloat16"),
+    # Its generation_config.json adds EOS 151643 (<|endoftext|>) to config.json's 151645 (<|im_end|>),
+    # and run.py stops at both.
+    "qwen2.5-72b": dict(
+        model_type="qwen2", hidden_size=8192, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
+        intermediate_size=29568, vocab_size=152064, rms_norm_eps=1e-6, rope_theta=1000000.0,
+        use_sliding_window=False, tie_word_embeddings=False, max_position_embeddings=32768,
+        bos_token_id=151643, eos_token_id=151645, torch_dtype="bfloat16"),
+    # Mixtral-8x22B-Instruct-v0.1, head_dim spelled out (6144 / 48).
+    "mixtral-8x22b": dict(
+        model_type="mixtral", hidden_size=6144, num_hidden_layers=56, num_attention_heads=48, num_key_value_heads=8,
+        head_dim=128, intermediate_size=16384, num_local_experts=8, num_experts_per_tok=2, vocab_size=32768,
+        rms_norm_eps=1e-5, rope_theta=1000000.0, sliding_window=None, tie_word_embeddings=False,
+        max_position_embeddings=65536, bos_token_id=1, eos_token_id=2, torch_dtype="bfloat16"),
+}
 DEMO_DIR = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "tokenweave", "demo-llama-v2")
 # Tensors some exporters write that no model here reads (rotary caches): skipped by name.
 HARMLESS = ("rotary_emb.inv_freq",)

@@ -7,7 +7,7 @@ column-parallel like their weights: rank r holds the bias entries of its own hea
 import dataclasses
 
 import llama
-from comm import UserError
+from group import UserError
 
 
 @dataclasses.dataclass
@@ -25,12 +25,3 @@ class Config(llama.Config):
 
 
 Transformer = llama.Transformer
-
-
-# The real Qwen2.5-72B-Instruct config.json values; its generation_config.json adds EOS 151643
-# (<|endoftext|>) to config.json's 151645 (<|im_end|>), and run.py stops at both.
-PRESETS = {"qwen2.5-72b": dict(
-    model_type="qwen2", hidden_size=8192, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
-    intermediate_size=29568, vocab_size=152064, rms_norm_eps=1e-6, rope_theta=1000000.0,
-    use_sliding_window=False, tie_word_embeddings=False, max_position_embeddings=32768,
-    bos_token_id=151643, eos_token_id=151645, torch_dtype="bfloat16")}

@@ -32,8 +32,9 @@ import torch.distributed as dist  # noqa: E402
 
 import comm  # noqa: E402
 import engine  # noqa: E402
+import group  # noqa: E402
 import models  # noqa: E402
-from comm import UserError  # noqa: E402
+from group import UserError  # noqa: E402
 
 IMPORTED = time.perf_counter()
 
@@ -95,7 +96,7 @@ def parse_args(argv=None):
     p.add_argument("--weave", choices=["auto", "on", "off"], default="auto", help="split steps in two and overlap "
                    "comm with compute: auto = at or above the tuned token threshold (default), on = every step "
                    "of 2+ tokens, off = never")
-    p.add_argument("--comm", choices=["auto", *comm.BACKENDS], default="auto",
+    p.add_argument("--comm", choices=comm.CHOICES, default="auto",
                    help="comm point backend: fused (one kernel: all-reduce + add + RMSNorm, Hopper, bf16), nccl "
                    "(all-reduce then add + RMSNorm), gloo (CPU reference), none (no communication: wrong "
                    "results, for timing only); auto = fused where it can run, else nccl, gloo on CPU. "
@@ -145,7 +146,7 @@ def read_prompts(args, d) -> list:
         f = args.prompts_file
         if f in STDIN:
             got = read_stdin(f) if d.rank == 0 else None
-            got = comm.broadcast_object(got, d)
+            got = group.broadcast_object(got, d)
         else:
             got = read_file(f)
         if isinstance(got, str):        # rank 0's error, on every rank
@@ -310,7 +311,7 @@ def main(argv=None) -> int:
     try:
         args = parse_args(argv)
         check_gpus(args.device)
-        d = comm.init_distributed(args.device)
+        d = group.init_distributed(args.device)
         comm.check_comm(args.comm, d)          # the ranks and devices it needs: fails before minutes of loading
         failed = generate(args, d, run)
         completed = True

@@ -1,6 +1,6 @@
 """The serving engine: the KV range allocator and the scheduler on their own (CPU), sampling, every
 prompt's greedy tokens under continuous batching equal to running it alone (TP 1, and TP 2 / 4 over
-gloo), and on CUDA the one-call attention against the per-span reference and graph-replayed decode
+gloo), and on CUDA the model's attention against the per-span reference and graph-replayed decode
 against eager steps. Run: pytest -q test_engine.py"""
 import itertools
 import random
@@ -10,11 +10,13 @@ import torch
 
 import comm
 import engine
+import fastpath
 import llama
 import models
 import weave
 from batch import Batch, Span
 from conftest import hf_llama, run_tp
+from group import Dist
 
 N_GPUS = torch.cuda.device_count()
 
@@ -201,17 +203,6 @@ def test_sample_depends_on_seed_sequence_and_position_only():
     assert not torch.equal(draw(logits, s, ids, pos + 1), whole)
 
 
-def test_greedy_argmax_equals_torch():
-    """The two-pass argmax of greedy decoding picks what argmax(-1) picks, ties to the first index,
-    for vocabularies that split into chunks and one that does not."""
-    g = torch.Generator().manual_seed(0)
-    for B, V in [(1, 128256), (5, 152064), (3, 32000), (2, 203)]:
-        x = torch.randn(B, V, generator=g).bfloat16()
-        x[0, [7, V // 2, V - 1]] = 50.0                        # ties across chunks
-        x[-1, :] = 1.0                                         # a row of ties
-        assert torch.equal(engine.argmax(x), x.argmax(-1)), (B, V)
-
-
 # ----------------------------------------------------------------------------- served == alone
 
 PROMPT_LENS = [1, 5, 37, 12, 70, 3, 2, 26, 9, 41]     # some longer than the smaller budgets
@@ -255,10 +246,10 @@ def alone(small_ckpt):
     """Each prompt run by itself (one sequence, its whole prompt in one step); an EOS id chosen to
     end prompt 2 after three tokens."""
     prompts = prompts_for(203)
-    ref = {i: serve(small_ckpt, comm.Dist(), torch.float32, 1, 128, [p], weave_mode="off")[0][0]
+    ref = {i: serve(small_ckpt, Dist(), torch.float32, 1, 128, [p], weave_mode="off")[0][0]
            for i, p in enumerate(prompts)}
     eos = {ref[2][2]}
-    with_eos = {i: serve(small_ckpt, comm.Dist(), torch.float32, 1, 128, [p], eos, weave_mode="off")[0][0]
+    with_eos = {i: serve(small_ckpt, Dist(), torch.float32, 1, 128, [p], eos, weave_mode="off")[0][0]
                 for i, p in enumerate(prompts)}
     assert len(with_eos[2]) == 3 and any(len(v) == MAX_NEW for v in with_eos.values())
     return prompts, eos, with_eos
@@ -267,7 +258,7 @@ def alone(small_ckpt):
 @pytest.mark.parametrize("max_seqs,budget", CONFIGS)
 def test_served_tokens_equal_alone_tp1(small_ckpt, alone, max_seqs, budget):
     prompts, eos, want = alone
-    got = serve(small_ckpt, comm.Dist(), torch.float32, max_seqs, budget, prompts, eos)
+    got = serve(small_ckpt, Dist(), torch.float32, max_seqs, budget, prompts, eos)
     assert {i: out for i, (out, _) in got.items()} == want
 
 
@@ -276,17 +267,17 @@ def test_sampled_tokens_do_not_depend_on_the_batch(small_ckpt, alone):
     max_seqs and budget (one generator shared by the batch made them depend on what ran beside)."""
     prompts = alone[0]
     s = engine.Sampling(1.0, 0.9, seed=11)
-    runs = [serve(small_ckpt, comm.Dist(), torch.float32, m, b, prompts, sampling=s) for m, b in [(1, 128), (4, 16),
+    runs = [serve(small_ckpt, Dist(), torch.float32, m, b, prompts, sampling=s) for m, b in [(1, 128), (4, 16),
                                                                                                    (10, 40)]]
     assert runs[0] == runs[1] == runs[2]
-    assert runs[0] != serve(small_ckpt, comm.Dist(), torch.float32, 4, 16, prompts,
+    assert runs[0] != serve(small_ckpt, Dist(), torch.float32, 4, 16, prompts,
                             sampling=engine.Sampling(1.0, 0.9, seed=12))
 
 
 def test_prompt_errors_do_not_sink_the_others(small_ckpt, alone):
     prompts, eos, want = alone
     too_long = [5] * 600          # the test model's context is 512
-    got = serve(small_ckpt, comm.Dist(), torch.float32, 4, 16,
+    got = serve(small_ckpt, Dist(), torch.float32, 4, 16,
                 [prompts[0], too_long, [], prompts[1], [3, 203, 4], [-1, 5]], eos)    # the test vocabulary: 203
     assert "exceeds the model's context of 512" in got[1][1] and "no tokens" in got[2][1]
     assert "token id 203, outside the model's vocabulary of 203" in got[4][1]
@@ -297,7 +288,7 @@ def test_prompt_errors_do_not_sink_the_others(small_ckpt, alone):
 def test_pool_follows_lengths_not_the_longest(small_ckpt):
     """The pool holds what max_seqs sequences can use at once, and a long prompt takes only its own
     rows: beside it, the short ones still run max_seqs at a time."""
-    with engine.LLM(small_ckpt, dist=comm.Dist(), max_seqs=8, max_step_tokens=64) as llm:
+    with engine.LLM(small_ckpt, dist=Dist(), max_seqs=8, max_step_tokens=64) as llm:
         prompts = [[3] * 400] + [[4] * 10] * 40
         llm.prepare(prompts, 4)
         assert llm.engine.rows == 403 + 7 * 13           # the 8 largest needs: 400 + 3 and 7 x (10 + 3)
@@ -329,16 +320,21 @@ def test_served_tokens_equal_alone_tp_gloo(small_ckpt, alone, tmp_path):
 
 
 @pytest.mark.skipif(N_GPUS < 1, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("fast", [False, True])
 @pytest.mark.parametrize("nh,nkv,hd", [(32, 8, 128), (8, 8, 64), (6, 1, 128)])
-def test_cuda_one_call_attention_equals_per_span(nh, nkv, hd):
-    """FlashAttention's variable-length call over the cache against the per-span reference (SDPA
-    one span at a time), for a mix of decode tokens, first chunks and chunks after a prefix, odd
-    lengths, ranges in any order; and each half of a split step (the straddler's B part sees A's
-    keys); and the cuDNN path of a long span alone, fresh and after a prefix."""
+def test_cuda_one_call_attention_equals_per_span(nh, nkv, hd, fast):
+    """The model's attention over the cache against the per-span reference (SDPA one span at a
+    time), for a mix of decode tokens, first chunks and chunks after a prefix, odd lengths, ranges in
+    any order; and each half of a split step (the straddler's B part sees A's keys); and a long span
+    alone, fresh and after a prefix. Plain (FlashAttention's variable-length calls) and with the fast
+    path (the decode kernel where the heads fit it, cuDNN for the long span alone)."""
     g = torch.Generator("cuda").manual_seed(nh + hd)
     cfg = llama.Config(hidden=nh * hd, n_heads=nh, n_kv_heads=nkv, head_dim=hd, intermediate=8, vocab=8,
                        n_layers=1, max_positions=20000)
-    attn = models.build(llama.Transformer, cfg, comm.Dist(device=torch.device("cuda")), torch.bfloat16).layers[0].attn
+    model = models.build(llama.Transformer, cfg, Dist(device=torch.device("cuda")), torch.bfloat16)
+    if fast and not fastpath.enable(model):
+        pytest.skip("the fast path's kernels cannot be built here")
+    attn = model.layers[0].attn
     rows = 40000
     attn.k_cache, attn.v_cache = (torch.randn(rows, nkv, hd, generator=g, device="cuda").bfloat16() for _ in range(2))
     mixes = [[Span(9000, 100, 1), Span(50, 7, 1), Span(3000, 0, 1), Span(12000, 513, 1), Span(15000, 0, 37),
@@ -348,7 +344,7 @@ def test_cuda_one_call_attention_equals_per_span(nh, nkv, hd):
     for spans in mixes:
         T = sum(s.n for s in spans)
         for split in (None, T // 2 + 3):
-            batch = Batch.make(spans, [0] * T, "cuda", split=split)
+            batch = Batch.make(spans, [0] * T, "cuda", split_at=split)
             q = torch.randn(T, nh, hd, generator=g, device="cuda").bfloat16()
             for half, lo in zip(batch.halves or [batch], [0, split or 0]):
                 got = attn.attend(q[lo:lo + half.T], half).float()
@@ -364,7 +360,7 @@ def test_cuda_graph_decode_equals_eager(ckpt, alone, request):
     """bf16 on one GPU: decode steps replayed from graphs give the tokens eager steps give (graphs
     pad the batch to their bucket: the decode kernel's output must not depend on it)."""
     prompts, eos, _ = alone
-    path, d = request.getfixturevalue(ckpt), comm.Dist(device=torch.device("cuda", 0))
+    path, d = request.getfixturevalue(ckpt), Dist(device=torch.device("cuda", 0))
     eager = serve(path, d, torch.bfloat16, 4, 16, prompts, eos, graphs="off", max_new=20)
     graphs = serve(path, d, torch.bfloat16, 4, 16, prompts, eos, graphs="on", max_new=20)
     assert graphs == eager
@@ -377,7 +373,7 @@ def test_cuda_attention_matches_cpu(ckpt, request):
     a fresh prompt), in fp32 on the CPU vs bf16 on the GPU."""
     logits = []
     for device, dtype in (("cpu", torch.float32), ("cuda", torch.bfloat16)):
-        d = comm.Dist(device=torch.device(device))
+        d = Dist(device=torch.device(device))
         model = models.load(request.getfixturevalue(ckpt), d, dtype)
         model.allocate_cache(4 * 64)
         w = weave.Weaver(model, comm.make_comm("auto", d, model.cfg.hidden, 64, dtype), "off")

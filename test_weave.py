@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import comm
+import group
 import llama
 import mixtral
 import models
@@ -20,7 +21,7 @@ needs_gpus = lambda n: pytest.mark.skipif(N_GPUS < n, reason=f"needs {n} CUDA GP
 ROWS = 128   # cache rows per sequence in these tests (sequence i from row i * ROWS)
 
 
-def ours(path, d=comm.Dist(), dtype=torch.float32, backend="auto", mode="off", n_seqs=4):
+def ours(path, d=group.Dist(), dtype=torch.float32, backend="auto", mode="off", n_seqs=4):
     model = models.load(path, d, dtype)
     model.allocate_cache(n_seqs * ROWS)
     return weave.Weaver(model, comm.make_comm(backend, d, model.cfg.hidden, 256, dtype), mode)
@@ -41,6 +42,12 @@ STEPS = [(spans((0, 0, 38), (1, 0, 1), (2, 0, 22)), 30),     # T=61: seq 0 strad
          (spans((1, 2, 1)), None)]                            # a single token
 
 
+def batch(weaver, seqs, tokens, split_at=None):
+    """A step laid out where the test splits it (split_at), or where the Weaver would."""
+    split_at = weaver.split_at(sum(s.n for s in seqs)) if split_at is None else split_at
+    return Batch.make(seqs, tokens, weaver.comm.d.device, split_at=split_at)
+
+
 def step_tokens(i, seqs):
     g = torch.Generator().manual_seed(100 + i)
     return torch.randint(0, 203, (sum(s.n for s in seqs),), generator=g).tolist()
@@ -49,7 +56,7 @@ def step_tokens(i, seqs):
 def run_steps(weaver, steps=STEPS):
     """Logits of every step. Steps 0 and 1 prefill the same prompts: step 1 starts from fresh rows
     (the cache rows are rewritten), so each step stands alone."""
-    return [weaver(weaver.batch(seqs, step_tokens(i if i != 1 else 0, seqs), split=split)).float().cpu()
+    return [weaver(batch(weaver, seqs, step_tokens(i if i != 1 else 0, seqs), split)).float().cpu()
             for i, (seqs, split) in enumerate(steps)]
 
 
@@ -63,15 +70,15 @@ def assert_matches_hf(path, hf):
     g = torch.Generator().manual_seed(7)
     prompts = [torch.randint(0, 203, (n,), generator=g) for n in (17, 5, 30)]
     with torch.no_grad():
-        got = weaver(weaver.batch(spans(*[(i, 0, len(p)) for i, p in enumerate(prompts)]), torch.cat(prompts).tolist(),
-                                  split=20))
+        got = weaver(batch(weaver, spans(*[(i, 0, len(p)) for i, p in enumerate(prompts)]), torch.cat(prompts).tolist(),
+                           split_at=20))
         want = torch.stack([hf(p[None]).logits[0, -1] for p in prompts])
         torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
         for step in range(3):
             nxt = got.argmax(-1)
-            batch = weaver.batch(spans(*[(i, len(p), 1) for i, p in enumerate(prompts)]), nxt.tolist())
+            step = weaver.batch(spans(*[(i, len(p), 1) for i, p in enumerate(prompts)]), nxt.tolist())
             prompts = [torch.cat([p, t[None]]) for p, t in zip(prompts, nxt)]
-            got = weaver(batch)
+            got = weaver(step)
             want = torch.stack([hf(p[None]).logits[0, -1] for p in prompts])
             torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
 
@@ -97,7 +104,7 @@ def tp_logits(path, world, tmp, device="cpu", dtype=torch.float32, backend="auto
     """checkpoints_logits at TP `world`: in this process at TP 1, else in one launch of `world`
     processes whose ranks must agree bitwise."""
     if world == 1:
-        return checkpoints_logits(comm.Dist(device=torch.device(device)), path, dtype, backend, mode)
+        return checkpoints_logits(group.Dist(device=torch.device(device)), path, dtype, backend, mode)
     return run_tp({world: [(checkpoints_logits, (path, dtype, backend, mode))]}, tmp, device)[world][0]
 
 
@@ -161,7 +168,7 @@ def test_split_straddles_and_keeps_order():
     whole = Batch.make(sp, list(range(12)), "cpu", seq_ids=[5, 6, 7])
     assert whole.last_rows.tolist() == [4, 8, 11] and whole.cu_q.tolist() == [0, 5, 9, 12] and whole.max_q == 5
     assert whole.kv_starts.tolist()[:3] == [300, 0, 700] and whole.kv_lens.tolist() == [15, 4, 5]
-    b = Batch.make(sp, list(range(12)), "cpu", seq_ids=[5, 6, 7], split=7)
+    b = Batch.make(sp, list(range(12)), "cpu", seq_ids=[5, 6, 7], split_at=7)
     a, c = b.halves
     assert a.spans == [Span(300, 10, 5), Span(0, 0, 2)] and c.spans == [Span(0, 2, 2), Span(700, 2, 3)]
     assert a.positions.tolist() == [10, 11, 12, 13, 14, 0, 1] and c.positions.tolist() == [2, 3, 2, 3, 4]
@@ -174,17 +181,23 @@ def test_split_straddles_and_keeps_order():
     assert c.cu_q.tolist() == [0, 2, 5] and c.kv_lens.tolist() == [4, 5] and c.kv_starts.tolist()[:2] == [0, 700]
     assert b.seq_ids.tolist() == [5, 6, 7] and b.next_pos.tolist() == [15, 4, 5]
     assert a.seq_ids.tolist() == [5, 6] and c.seq_ids.tolist() == [6, 7]
-    with pytest.raises(ValueError, match="split 12 must fall inside"):
-        Batch.make(sp, list(range(12)), "cpu", split=12)
+    with pytest.raises(ValueError, match="split point 12 must fall inside"):
+        Batch.make(sp, list(range(12)), "cpu", split_at=12)
 
 
-@pytest.mark.parametrize("T", [256, 1000, 1024, 3000, 4096, 8192, 16384, 16383])
-def test_wave_split_is_near_half_on_tiles(T):
-    widths = [2560, 8192, 14336, 8192]      # Llama-70B at TP 4
+@pytest.mark.parametrize("T", [256, 1000, 1024, 3000, 4096, 8192, 16384, 16383, 33920])
+@pytest.mark.parametrize("widths", [[2560, 8192, 14336, 8192], [256], [1024, 6144]])   # Llama-70B at TP 4, ...
+def test_wave_split_is_near_half_on_tiles(T, widths):
+    """The split is on a tile, within two tiles of half, and no split point there (every multiple of
+    128 tokens, counted here by brute force) needs fewer waves of 128 x 256 tiles on 132 SMs; of
+    those that need as few, it is the most even."""
     S = weave.wave_split(T, widths)
-    assert S % weave.GEMM_TILE_M == 0 and 0 < S < T and abs(S - T / 2) <= 2 * weave.GEMM_TILE_M + 64
-    cost = lambda s: sum(weave.gemm_waves(s, n, 132) + weave.gemm_waves(T - s, n, 132) for n in widths)
-    assert cost(S) <= cost(round(T / 2 / 128) * 128)
+    waves = lambda m: sum(-(-(-(-m // 128) * -(-n // 256)) // 132) for n in widths)   # noqa: E731
+    cost = lambda s: waves(s) + waves(T - s)   # noqa: E731
+    near = [s for s in range(128, T, 128) if abs(s - T / 2) <= 2 * 128 + 64]
+    assert S % 128 == 0 and 0 < S < T and S in near
+    best = min(map(cost, near))
+    assert cost(S) == best and abs(S - T / 2) == min(abs(s - T / 2) for s in near if cost(s) == best), (S, best)
 
 
 def test_split_threshold():
@@ -195,10 +208,10 @@ def test_split_threshold():
                                       (1, "auto", weave.Tuning(threshold=1024), {100000: None}),
                                       (2, "on", weave.Tuning(), {1: None, 2: 1, 5: 2}),
                                       (2, "off", weave.Tuning(), {100000: None})]:
-        d = comm.Dist(0, world)       # rank 0's shards: building them needs no process group
+        d = group.Dist(0, world)       # rank 0's shards: building them needs no process group
         model = models.build(llama.Transformer, cfg, d, torch.float32)
         w = weave.Weaver(model, comm.LocalComm(d, cfg.hidden, 8, torch.float32), mode, tuning)
-        assert {T: w.split_point(T) for T in want} == want, (world, mode)
+        assert {T: w.split_at(T) for T in want} == want, (world, mode)
     assert w.threshold == llama.Transformer.weave_threshold      # the model's, where the table has none
     assert [comm.padded(n, 4) for n in (1, 4, 5, 61)] == [4, 4, 8, 64]
 
@@ -207,8 +220,8 @@ def test_plan_budgets_and_carveout():
     """Which comm point gets which CTA budget, and which stage leaves SMs free, per half."""
     t = weave.Tuning(fuse_ctas=16, attn_ctas=2, mlp_ctas=8)
     kinds = ["embed", "attn", "mlp", "attn", "mlp"]
-    assert weave.plan(kinds, False, t, 4096) == [[weave.StagePlan(16, 0)]] * 5     # unsplit: nothing overlaps
-    p = weave.plan(kinds, True, t, 4096)
+    assert weave.plan(kinds, 1, t, 4096) == [[weave.StagePlan(16, 0)]] * 5     # whole: nothing overlaps
+    p = weave.plan(kinds, 2, t, 4096)
     a, b = [s[0] for s in p], [s[1] for s in p]
     # comm(A, k) runs beside B's stage k, comm(B, k) beside A's stage k + 1 (the embedding counts as
     # attention, and the last comm point overlaps only the LM head: attention's budget).
@@ -216,31 +229,31 @@ def test_plan_budgets_and_carveout():
     # Each stage carves out the CTAs of the comm beside it; A's first stage has none beside it.
     assert [s.carveout for s in a] == [0, 2, 8, 2, 8] and [s.carveout for s in b] == [2, 2, 8, 2, 8]
     t.table = {4096: {"attn_ctas": 4, "mlp_ctas": 16, "carveout": False}, 16384: {"attn_ctas": 1}}
-    p = weave.plan(kinds, True, t, 5000)      # the nearest key is 4096
+    p = weave.plan(kinds, 2, t, 5000)      # the nearest key is 4096
     assert [s[1].ctas for s in p] == [4, 16, 4, 16, 4] and all(s.carveout == 0 for st in p for s in st)
-    assert [s[0].ctas for s in weave.plan(kinds, True, t, 20000)] == [1, 1, 8, 1, 8]   # the rest: defaults
+    assert [s[0].ctas for s in weave.plan(kinds, 2, t, 20000)] == [1, 1, 8, 1, 8]   # the rest: defaults
     t.carveout, t.table = False, {}
-    assert all(s.carveout == 0 for st in weave.plan(kinds, True, t, 4096) for s in st)
+    assert all(s.carveout == 0 for st in weave.plan(kinds, 2, t, 4096) for s in st)
 
 
 def test_tuning_files(tmp_path):
     path = tmp_path / "t.json"
     path.write_text(json.dumps({"threshold": 2048, "table": {"4096": {"offset": 128, "attn_ctas": 2}}}))
     t = weave.Tuning.load(str(path))
-    assert t.threshold == 2048 and t.split(5000, [1024], 132) == 2560 + 128 and t.entry(3000)["attn_ctas"] == 2
+    assert t.threshold == 2048 and t.split_at(5000, [1024], 132) == 2560 + 128 and t.entry(3000)["attn_ctas"] == 2
     # What the tuner saves is what load reads.
     t.save(str(tmp_path / "saved.json"), model="x")
     assert weave.Tuning.load(str(tmp_path / "saved.json")) == t
     # No file, or none set in it: the threshold is the model's (Mixtral's 2048 must reach the Weaver).
     assert weave.Tuning.load(str(tmp_path / "absent.json")).threshold is None
     assert mixtral.Transformer.weave_threshold == 2048
-    with pytest.raises(comm.UserError, match="absent.json does not exist"):
+    with pytest.raises(group.UserError, match="absent.json does not exist"):
         weave.Tuning.load(str(tmp_path / "absent.json"), required=True)
     for text, says in [("{not json", "t.json is not a table"), ('{"threshold": "big"}', "threshold is 'big', not an integer"),
                        ('{"table": {"1024": {"carveout": 1}}}', "carveout is 1, not true or false"),
                        ('{"table": {"1k": {}}}', "t.json is not a table")]:
         path.write_text(text)
-        with pytest.raises(comm.UserError, match=says):
+        with pytest.raises(group.UserError, match=says):
             weave.Tuning.load(str(path))
 
 
@@ -258,11 +271,11 @@ def test_loader_errors(tmp_path):
     with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
         json.dump({"weight_map": {k: "model-00002-of-00002.safetensors"
                                   for k in [*tensors, "model.layers.1.mlp.up_proj.weight"]}}, f)
-    with pytest.raises(comm.UserError, match="model-00002-of-00002.safetensors"):
+    with pytest.raises(group.UserError, match="model-00002-of-00002.safetensors"):
         ours(path)
     with pytest.raises(ValueError, match="does not divide|must divide"):
         llama.Transformer(llama.Config(n_heads=8, n_kv_heads=4, hidden=64, head_dim=8, intermediate=96, vocab=10,
-                                       n_layers=1), comm.Dist(0, 3))
+                                       n_layers=1), group.Dist(0, 3))
 
 
 def test_config_forms():
@@ -271,7 +284,7 @@ def test_config_forms():
     v5 = {k: v for k, v in hub.items() if k not in ("rope_theta", "rope_scaling", "torch_dtype")}
     v5 |= dict(rope_parameters=LLAMA3_ROPE | {"rope_theta": 1e4}, dtype="bfloat16")
     assert llama.Config.from_hf(hub) == llama.Config.from_hf(v5)
-    c = llama.Config.from_hf(llama.PRESETS["llama-3.3-70b"])
+    c = llama.Config.from_hf(models.PRESETS["llama-3.3-70b"])
     assert (c.hidden, c.n_layers, c.n_kv_heads, c.eos_ids, c.rope_scaling["factor"]) == (8192, 80, 8, (128001, 128008, 128009), 8.0)
 
 
@@ -333,27 +346,27 @@ def test_family_tp_cuda_matches_tp1(fam_ckpt, tmp_path, world, backend, mode):
 
 def test_qwen_rejects_sliding_window(tmp_path):
     from transformers import Qwen2Config
-    hub = qwen.PRESETS["qwen2.5-72b"] | dict(use_sliding_window=True, sliding_window=4096, max_window_layers=70)
+    hub = models.PRESETS["qwen2.5-72b"] | dict(use_sliding_window=True, sliding_window=4096, max_window_layers=70)
     v5 = Qwen2Config(num_hidden_layers=4, use_sliding_window=True, max_window_layers=2).to_dict()
     layer_types_only = {k: v for k, v in v5.items() if k != "use_sliding_window"}   # sliding per layer
     for c in (hub, v5, layer_types_only):
-        with pytest.raises(comm.UserError, match="use_sliding_window: true; sliding-window attention is not supported"):
+        with pytest.raises(group.UserError, match="use_sliding_window: true; sliding-window attention is not supported"):
             qwen.Config.from_hf(c)
     (tmp_path / "config.json").write_text(json.dumps(hub))
-    with pytest.raises(comm.UserError, match=f"{tmp_path / 'config.json'} sets use_sliding_window: true"):
+    with pytest.raises(group.UserError, match=f"{tmp_path / 'config.json'} sets use_sliding_window: true"):
         models.config(str(tmp_path))
 
 
 def test_family_presets_full_shapes():
-    q = qwen.Config.from_hf(qwen.PRESETS["qwen2.5-72b"])
+    q = qwen.Config.from_hf(models.PRESETS["qwen2.5-72b"])
     assert (q.hidden, q.n_layers, q.n_heads, q.n_kv_heads, q.head_dim, q.intermediate, q.vocab, q.eps, q.rope_theta,
             q.rope_scaling, q.qkv_bias, q.eos_ids, q.max_positions, q.tie_embeddings, q.dtype) == (
         8192, 80, 64, 8, 128, 29568, 152064, 1e-6, 1e6, None, True, (151645,), 32768, False, "bfloat16")
-    m = mixtral.Config.from_hf(mixtral.PRESETS["mixtral-8x22b"])
+    m = mixtral.Config.from_hf(models.PRESETS["mixtral-8x22b"])
     assert (m.hidden, m.n_layers, m.n_heads, m.n_kv_heads, m.head_dim, m.intermediate, m.n_experts, m.top_k, m.vocab,
             m.eps, m.rope_theta, m.eos_ids, m.max_positions, m.tie_embeddings, m.dtype) == (
         6144, 56, 48, 8, 128, 16384, 8, 2, 32768, 1e-5, 1e6, (2,), 65536, False, "bfloat16")
-    meta = comm.Dist(1, 4, torch.device("meta"))    # full-size shapes at TP 4, no memory
+    meta = group.Dist(1, 4, torch.device("meta"))    # full-size shapes at TP 4, no memory
     a = models.build(qwen.Transformer, q, meta, torch.bfloat16).layers[0].attn
     assert a.qkv.weight.shape == (2560, 8192) and a.qkv.bias.shape == (2560,) and a.o.weight.shape == (8192, 2048)
     model = models.build(mixtral.Transformer, m, meta, torch.bfloat16)

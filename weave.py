@@ -21,7 +21,8 @@ import warnings
 import torch
 
 from batch import Batch
-from comm import Comm, UserError, padded
+from comm import Comm, padded
+from group import UserError
 
 # ----------------------------------------------------------------------------- the wave-aware split
 
@@ -42,8 +43,8 @@ def wave_split(T: int, gemm_widths, n_sms: int = 132) -> int:
         return T // 2
     half = round(T / 2 / GEMM_TILE_M) * GEMM_TILE_M
     cost = lambda S: sum(gemm_waves(S, n, n_sms) + gemm_waves(T - S, n, n_sms) for n in gemm_widths)
-    candidates = [half + k * GEMM_TILE_M for k in (0, -1, 1, -2, 2) if 0 < half + k * GEMM_TILE_M < T]
-    return min(candidates, key=cost)   # min keeps the first of equals: the most even one
+    candidates = [half + k * GEMM_TILE_M for k in (-2, -1, 0, 1, 2) if 0 < half + k * GEMM_TILE_M < T]
+    return min(candidates, key=lambda S: (cost(S), abs(S - T / 2)))
 
 
 @dataclasses.dataclass
@@ -100,7 +101,8 @@ class Tuning:
             return {}
         return self.table[min(self.table, key=lambda k: abs(math.log2(k / T)))]
 
-    def split(self, T: int, gemm_widths, n_sms: int) -> int:
+    def split_at(self, T: int, gemm_widths, n_sms: int) -> int:
+        """Where half B of a step of T tokens starts: the tuned offset from half, or the wave model."""
         e = self.entry(T)
         if "offset" in e:
             S = round(T / 2 / 256) * 256 + e["offset"]
@@ -128,15 +130,16 @@ class StagePlan:
     carveout: int
 
 
-def plan(kinds: list, split: bool, tuning: Tuning, T: int) -> list:
-    """[stage][half] -> StagePlan, for stages of the given kinds ('embed', 'attn', 'mlp').
+def plan(kinds: list, halves: int, tuning: Tuning, T: int) -> list:
+    """[stage][half] -> StagePlan, for stages of the given kinds ('embed', 'attn', 'mlp'), for a step
+    of T tokens run whole (halves 1) or split (halves 2).
 
-    Unsplit, every comm point runs alone with fuse_ctas. Split, comm(A, k) runs beside compute(B, k)
+    Whole, every comm point runs alone with fuse_ctas. Split, comm(A, k) runs beside compute(B, k)
     and comm(B, k) beside compute(A, k+1): a comm point gets the CTA budget of the stage kind it
     overlaps (the embedding is as short as attention; the last comm point overlaps nothing but the
     LM head), and each stage but A's first carves out the budget of the comm beside it.
     """
-    if not split:
+    if halves == 1:
         return [[StagePlan(tuning.fuse_ctas, 0)] for _ in kinds]
     e = tuning.entry(T)
     carve = tuning.carveout and e.get("carveout", True)
@@ -211,8 +214,8 @@ class Weaver:
     one half's communication with the other half's computation.
 
     mode: auto (split at or above the tuned threshold) | on (split every step of 2+ tokens) | off.
-    The caller lays a step out with the split it asks for (split_point), so that each half's
-    attention metadata is on the device with the rest of the step.
+    The caller lays a step out where it asks to split it (split_at), so that each half's attention
+    metadata is on the device with the rest of the step.
     """
 
     def __init__(self, model, comm: Comm, mode: str = "auto", tuning: Tuning | None = None):
@@ -226,22 +229,22 @@ class Weaver:
         self.stages = model.stages()
         self.kinds = [kind for kind, _, _ in self.stages]
 
-    def split_point(self, T: int):
-        """Where to split a step of T tokens, or None. auto never splits a single rank: with no
-        communication to hide, two halves only cost (half-size GEMMs, twice the launches)."""
+    def split_at(self, T: int):
+        """Where half B of a step of T tokens starts, or None: the step runs whole. auto never splits
+        a single rank: with no communication to hide, two halves only cost (half-size GEMMs, twice
+        the launches)."""
         if self.mode == "off" or T < 2 or (self.mode == "auto" and (T < self.threshold or self.comm.d.world == 1)):
             return None
-        return self.tuning.split(T, self.model.gemm_widths, self.n_sms)
+        return self.tuning.split_at(T, self.model.gemm_widths, self.n_sms)
 
-    def batch(self, spans: list, tokens: list, seq_ids: list | None = None, split: int | None = None) -> Batch:
-        """A step on this rank's device, laid out with the split this Weaver plans (or `split`)."""
-        T = sum(s.n for s in spans)
-        return Batch.make(spans, tokens, self.comm.d.device, seq_ids, self.split_point(T) if split is None else split)
+    def batch(self, spans: list, tokens: list, seq_ids: list | None = None) -> Batch:
+        """A step on this rank's device, laid out where this Weaver splits it."""
+        return Batch.make(spans, tokens, self.comm.d.device, seq_ids, self.split_at(sum(s.n for s in spans)))
 
     def __call__(self, batch: Batch) -> torch.Tensor:
         """Logits (B, V) of the last token of each sequence that ends in this batch."""
         halves = list(batch.halves or [batch])
-        steps = plan(self.kinds, len(halves) == 2, self.tuning, batch.T)
+        plans = plan(self.kinds, len(halves), self.tuning, batch.T)
         n = [padded(half.T, self.comm.d.world) for half in halves]
         bufs = [self.comm.buffer(i, n[i]) for i in range(len(halves))]
         for half, buf in zip(halves, bufs):
@@ -251,9 +254,9 @@ class Weaver:
         for k, (_, stage, norm) in enumerate(self.stages):
             for i, half in enumerate(halves):
                 self.streams.wait(done[i])                    # this half's x is ready
-                with self.streams.carveout(steps[k][i].carveout):
+                with self.streams.carveout(plans[k][i].carveout):
                     stage(bufs[i][:half.T], half)             # x -> this rank's partial, in place
-                point = functools.partial(self.comm, i, n[i], residuals[i], norm.weight, norm.eps, steps[k][i].ctas)
+                point = functools.partial(self.comm, i, n[i], residuals[i], norm.weight, norm.eps, plans[k][i].ctas)
                 if len(halves) == 1:
                     point()                                   # nothing to overlap: stay on this stream
                 else:

@@ -1,8 +1,7 @@
-"""GPU tests of multimem_ops.cu: the fused AllReduce + residual add + RMSNorm (p2p transport) on 2
-and 4 GPUs, driven through comm.FusedComm as the model drives it and checked against NCCL's sum and
-comm.add_rmsnorm_ (the reference op); on one GPU, the same kernel's protocol with 2, 4 and 8
-virtual ranks (comm.VirtualRanks), the local fused add + RMSNorm, the RoPE + KV-cache kernel, the
-decode attention, SwiGLU's activation, the decode GEMM and greedy sampling's argmax.
+"""GPU tests of the technique's kernels (multimem_ops.cu): the fused AllReduce + residual add + RMSNorm
+(p2p transport) on 2 and 4 GPUs, driven through comm.FusedComm as the model drives it and checked
+against NCCL's sum and comm.add_rmsnorm_ (the reference op); on one GPU, the same kernel's protocol
+with 2, 4 and 8 virtual ranks (comm.VirtualRanks), and the local fused add + RMSNorm.
 
 Skipped, with the reason, without a Hopper GPU, nvcc, or enough GPUs. Multi-GPU tests spawn one
 process per GPU (conftest.run_tp); a failure on any rank fails the test with that rank's traceback.
@@ -18,7 +17,6 @@ import torch.distributed as dist
 
 import build_ext
 import comm
-import engine
 from conftest import run_tp
 
 OK, WHY = build_ext.available()
@@ -114,7 +112,7 @@ def body_cases(comms):
         weight = torch.ones(buf.shape[-1], dtype=BF16, device="cuda") if weight is None else weight
         fc.ext.fused_allreduce_add_rmsnorm(buf, fc.peer_bufs[0], fc.multicast[0], fc.peer_flags, rank, residual,
                                            weight, EPS, n_ctas, fc.timeout_s)
-    # Argument checks run on the host before any launch, so a rejected call cannot desync ranks.
+    # The binding checks its arguments before any launch, so a rejected call cannot desync ranks.
     zeros = torch.zeros(2, 8192, dtype=BF16, device="cuda")
     with pytest.raises(RuntimeError, match="multiple of 8"):
         call(torch.zeros(2 * world, 4100, dtype=BF16, device="cuda"), torch.zeros(2, 4100, dtype=BF16, device="cuda"))
@@ -162,7 +160,7 @@ def fused_job(d, body):
 def spawn(world, body, tmp):
     if GPUS < world:
         pytest.skip(f"needs {world} CUDA GPUs, found {GPUS}")
-    build_ext.load()
+    build_ext.load("comm")
     run_tp({world: [(fused_job, (body,))]}, tmp, device="cuda")
 
 
@@ -321,7 +319,7 @@ def test_virtual_rank_that_never_arrives_traps(N):
 @pytest.mark.parametrize("T,H", [(1, 8192), (7, 4104), (1000, 4096), (4097, 8192), (333, 12288),
                                  (5, 28672)])
 def test_fused_add_rmsnorm(T, H):
-    ops = build_ext.load()
+    ops = build_ext.load("comm")
     g = torch.Generator("cuda").manual_seed(T + H)
     x, residual = (torch.randn(T, H, generator=g, device="cuda").to(BF16) for _ in range(2))
     weight = (1 + 0.1 * torch.randn(H, generator=g, device="cuda")).to(BF16)
@@ -332,221 +330,3 @@ def test_fused_add_rmsnorm(T, H):
     odd = torch.zeros(2, 12, dtype=BF16, device="cuda")
     with pytest.raises(RuntimeError, match="multiple of 8"):
         ops.fused_add_rmsnorm(odd, odd.clone(), weight[:12].contiguous(), EPS)
-
-
-@pytest.mark.parametrize("T,nh,nkv,hd", [(1, 32, 8, 128), (37, 8, 2, 128), (1000, 16, 4, 64), (5, 5, 1, 8)])
-def test_rope_kv_cache(T, nh, nkv, hd):
-    """The fused RoPE + KV-cache write against the model's torch path, bit for bit: q rotated in
-    place, k rotated and v copied into their cache rows, every other row untouched."""
-    import llama
-    ops = build_ext.load()
-    g = torch.Generator("cuda").manual_seed(T * nh + hd)
-    rows, max_len = 4 * T + 3, 3 * T + 1
-    qkv = torch.randn(T, (nh + 2 * nkv) * hd, generator=g, device="cuda").to(BF16)
-    rope = (2 * torch.rand(max_len, 2, hd, generator=g, device="cuda") - 1).to(BF16)
-    positions = torch.randint(0, max_len, (T,), generator=g, device="cuda", dtype=torch.int32)
-    kv_rows = torch.randperm(rows, generator=g, device="cuda")[:T].int()
-    k_cache, v_cache = (torch.randn(rows, nkv, hd, generator=g, device="cuda").to(BF16) for _ in range(2))
-    cos, sin = rope[positions].unsqueeze(2).unbind(1)
-    qk = llama.apply_rope(qkv[:, :(nh + nkv) * hd].view(T, nh + nkv, hd), cos, sin)
-    want_k, want_v = k_cache.clone(), v_cache.clone()
-    want_k[kv_rows] = qk[:, nh:]
-    want_v[kv_rows] = qkv[:, (nh + nkv) * hd:].view(T, nkv, hd)
-    rest = qkv[:, nh * hd:].clone()
-    ops.rope_kv_cache(qkv, rope, positions, kv_rows, k_cache, v_cache)
-    assert torch.equal(qkv[:, :nh * hd].view(T, nh, hd), qk[:, :nh]), "q"
-    assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v), "cache"
-    assert torch.equal(qkv[:, nh * hd:], rest), "k and v in qkv must stay as they were"
-    with pytest.raises(RuntimeError, match="positions must be a contiguous torch.int32"):
-        ops.rope_kv_cache(qkv, rope, positions.long(), kv_rows, k_cache, v_cache)
-
-
-def decode_reference(q, k_cache, v_cache, starts, lens):
-    """(B, nh, hd) fp32: each query against its own range of the cache, GQA, in fp32."""
-    B, nh, hd = q.shape
-    G = nh // k_cache.shape[1]
-    out = torch.empty(B, nh, hd, device=q.device)
-    for b, (s, n) in enumerate(zip(starts.tolist(), lens.tolist())):
-        K, V = (c[s:s + n].float().repeat_interleave(G, dim=1) for c in (k_cache, v_cache))  # (n, nh, hd)
-        p = torch.softmax(torch.einsum("hd,nhd->hn", q[b].float(), K) * hd ** -0.5, dim=-1)
-        out[b] = torch.einsum("hn,nhd->hd", p, V)
-    return out
-
-
-# (nh, nkv): Llama-3.1-8B at TP 1, 2, 4 (the shards), 70B and Qwen2.5-72B at TP 8, Mixtral's 6 heads
-# a group, one head a group, odd counts.
-@pytest.mark.parametrize("nh,nkv", [(32, 8), (16, 4), (8, 2), (8, 1), (6, 1), (7, 7), (15, 5)])
-def test_decode_attention(nh, nkv):
-    """The split-KV decode kernel against fp32 attention: lengths from 1 key to past 16 slices,
-    ranges anywhere in the cache and in any order, q a strided view of qkv, with max_k from the
-    longest length to far beyond it (more slices in the grid than a sequence has). Within bf16
-    rounding, and no worse than FlashAttention-2's variable-length kernel on the same inputs.
-    A sequence's output is bitwise the same whatever max_k and the rest of the batch are."""
-    ops = build_ext.load()
-    hd = 128
-    g = torch.Generator("cuda").manual_seed(nh * 10 + nkv)
-    lens = [1, 2, 63, 64, 65, 255, 256, 257, 1000, 4097, 333]
-    order = torch.randperm(len(lens), generator=g, device="cuda").tolist()
-    starts, row = [0] * len(lens), 5
-    for i in order:                      # ranges in a shuffled order with gaps between them
-        starts[i], row = row, row + lens[i] + 3
-    k_cache, v_cache = (torch.randn(row + 7, nkv, hd, generator=g, device="cuda").bfloat16() for _ in range(2))
-    B = len(lens)
-    qkv = torch.randn(B, (nh + 2 * nkv) * hd, generator=g, device="cuda").bfloat16()
-    q = qkv[:, :nh * hd].view(B, nh, hd)
-    starts_t, lens_t = (torch.tensor(x, dtype=torch.int32, device="cuda") for x in (starts, lens))
-    want = decode_reference(q, k_cache, v_cache, starts_t, lens_t)
-    cu_k = torch.tensor(starts + [row], dtype=torch.int32, device="cuda")
-    flash = torch.ops.aten._flash_attention_forward(
-        q, k_cache, v_cache, torch.arange(B + 1, dtype=torch.int32, device="cuda"), cu_k, 1, max(lens), 0.0, True,
-        False, seqused_k=lens_t)[0].float()
-
-    def run(q, starts_t, lens_t, max_k):
-        slices = ops.decode_slices(max_k)
-        out = torch.full(q.shape, float("nan"), device="cuda").bfloat16()
-        part_o = torch.full((slices, q.shape[0], nh, hd) if slices > 1 else (0, 0, 0, hd), float("nan"), device="cuda")
-        part_lse = torch.full(part_o.shape[:3], float("nan"), device="cuda")
-        ops.decode_attention(q, k_cache, v_cache, starts_t, lens_t, out, part_o, part_lse, max_k, hd ** -0.5)
-        return out
-
-    runs = {max_k: run(q, starts_t, lens_t, max_k) for max_k in (max(lens), 8192, 131072)}
-    for max_k, out in runs.items():
-        for b in range(B):
-            err = ((out[b].float() - want[b]).norm() / want[b].norm()).item()
-            flash_err = ((flash[b] - want[b]).norm() / want[b].norm()).item()
-            assert err < 1e-2 and err <= 1.5 * flash_err + 1e-3, (max_k, lens[b], err, flash_err)
-        assert torch.equal(out, runs[max(lens)]), f"max_k {max_k} changed the bits"
-    for b in (3, 9):   # alone, the grid fits the SMs and the kernel keeps 4 tiles in flight, not 2
-        alone = run(q[b:b + 1], starts_t[b:b + 1], lens_t[b:b + 1], lens[b])
-        assert torch.equal(alone, runs[max(lens)][b:b + 1]), f"sequence {b} alone differs from the same in a batch"
-    for cap in (300, 1000, 2000):      # a grid of 2, 4, 8 slices: the merge holds fewer slots
-        sel = [b for b in range(B) if lens[b] <= cap]
-        part = run(q[sel], starts_t[sel], lens_t[sel], cap)
-        assert torch.equal(part, runs[max(lens)][sel]), f"max_k {cap} changed the bits"
-    with pytest.raises(RuntimeError, match="kv_lens must be in"):
-        run(q, starts_t, lens_t, 100)
-    if (nh, nkv) != (8, 1):
-        return
-    wide = torch.zeros(1, 9 * nkv, hd, device="cuda").bfloat16()
-    with pytest.raises(RuntimeError, match="at most 8 query heads"):
-        ops.decode_attention(wide, k_cache, v_cache, starts_t[:1], lens_t[:1], wide.clone(), wide.float(), wide.float(),
-                             8, 1.0)
-
-
-@pytest.mark.parametrize("T,I", [(1, 14336), (7, 3584), (128, 1792), (1000, 8)])
-def test_silu_mul(T, I):
-    """SwiGLU's activation kernel against torch's F.silu(gate) * up in bf16, bit for bit."""
-    ops = build_ext.load()
-    g = torch.Generator("cuda").manual_seed(T + I)
-    gate_up = (3 * torch.randn(T, 2 * I, generator=g, device="cuda")).bfloat16()
-    gate, up = gate_up.chunk(2, dim=-1)
-    out = torch.empty(T, I, dtype=BF16, device="cuda")
-    ops.silu_mul(gate_up, out)
-    assert torch.equal(out, torch.nn.functional.silu(gate) * up)
-    with pytest.raises(RuntimeError, match="I % 8 == 0"):
-        ops.silu_mul(gate_up[:, :12].contiguous(), out[:, :6].contiguous())
-
-
-# (N, K): the 8B shape's qkv, o_proj, gate/up and down at TP 1, their TP 4 shards, and odd sizes (N
-# not a multiple of the CTA's 16 rows, K not of the 64-column chunk nor of 32).
-@pytest.mark.parametrize("N,K", [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (1536, 4096),
-                                 (4096, 1024), (4096, 3584), (40, 8), (24, 200), (1000, 1032)])
-def test_gemv(N, K):
-    """The decode GEMM against fp32: within bf16 rounding and no worse than cuBLAS, at every token
-    count it takes (x a strided view), with and without a bias. A token's row is bitwise the same at
-    any M, and the same launched plainly (pdl false). The SwiGLU epilogue is bitwise gemv followed
-    by silu_mul."""
-    ops = build_ext.load()
-    g = torch.Generator("cuda").manual_seed(N + K)
-    most = ops.limits["gemv_max_m"]
-    w = (torch.randn(N, K, generator=g, device="cuda") / K ** 0.5).bfloat16()
-    bias = torch.randn(N, generator=g, device="cuda").bfloat16()
-    xs = torch.randn(most, K + 16, generator=g, device="cuda").bfloat16()
-    x = xs[:, 8:K + 8]                                 # rows K + 16 apart, 16-byte aligned
-    first = {}
-    for M in range(1, most + 1):
-        for b in (None, bias):
-            out = torch.full((M, N), float("nan"), device="cuda").bfloat16()
-            ops.gemv(x[:M], w, b, out, False)
-            want = x[:M].float() @ w.float().t() + (0 if b is None else b.float())
-            cublas = torch.nn.functional.linear(x[:M], w, b).float()
-            err = ((out.float() - want).norm() / want.norm()).item()
-            cublas_err = ((cublas - want).norm() / want.norm()).item()
-            assert err < 8e-3 and err <= 1.2 * cublas_err + 1e-4, (M, b is None, err, cublas_err)
-            first.setdefault(b is None, out[:1].clone())
-            assert torch.equal(out[:1], first[b is None]), f"token 0's row changed with M = {M}"
-            plain_launch = torch.full_like(out, float("nan"))
-            ops.gemv(x[:M], w, b, plain_launch, False, False)
-            assert torch.equal(plain_launch, out), f"the plain launch differs, M = {M}"
-    if N % 16 == 0:                                    # silu_mul's I % 8 == 0
-        for M in (1, 5, most):
-            act = torch.full((M, N // 2), float("nan"), device="cuda").bfloat16()
-            ops.gemv(x[:M], w, None, act, True)
-            plain = torch.empty(M, N, dtype=BF16, device="cuda")
-            ops.gemv(x[:M], w, None, plain, False)
-            want = torch.empty_like(act)
-            ops.silu_mul(plain, want)
-            assert torch.equal(act, want), f"swiglu epilogue, M = {M}"
-    with pytest.raises(RuntimeError, match=f"1 <= M <= {most}"):
-        ops.gemv(xs[:, :K].repeat(2, 1).contiguous(), w, None, torch.empty(2 * most, N, dtype=BF16, device="cuda"),
-                 False)
-
-
-# (nh, nkv, hd, K, bias): the 8B shape's qkv at TP 1, 2 and 4, Qwen2.5-72B's at TP 4 (with its bias),
-# odd head counts and the smallest head dim.
-@pytest.mark.parametrize("nh,nkv,hd,K,bias", [(32, 8, 128, 4096, False), (16, 4, 128, 4096, False),
-                                              (8, 2, 128, 4096, False), (16, 2, 128, 8192, True),
-                                              (5, 1, 16, 200, True), (3, 3, 32, 40, False)])
-def test_gemv_rope(nh, nkv, hd, K, bias):
-    """qkv's GEMM with RoPE and the cache write in its epilogue: bitwise gemv followed by
-    rope_kv_cache (q, both caches, every other cache row untouched), at every token count."""
-    ops = build_ext.load()
-    g = torch.Generator("cuda").manual_seed(nh * K + hd)
-    N, most, rows, max_len = (nh + 2 * nkv) * hd, ops.limits["gemv_max_m"], 40, 100
-    w = (torch.randn(N, K, generator=g, device="cuda") / K ** 0.5).bfloat16()
-    b = torch.randn(N, generator=g, device="cuda").bfloat16() if bias else None
-    x = torch.randn(most, K + 8, generator=g, device="cuda").bfloat16()[:, :K]   # rows K + 8 apart
-    rope = (2 * torch.rand(max_len, 2, hd, generator=g, device="cuda") - 1).to(BF16)
-    caches = [torch.randn(rows, nkv, hd, generator=g, device="cuda").bfloat16() for _ in range(2)]
-    for M in range(1, most + 1):
-        positions = torch.randint(0, max_len, (M,), generator=g, device="cuda", dtype=torch.int32)
-        kv_rows = torch.randperm(rows, generator=g, device="cuda")[:M].int()
-        qkv = torch.empty(M, N, dtype=BF16, device="cuda")
-        ops.gemv(x[:M], w, b, qkv, False)
-        want_k, want_v = (c.clone() for c in caches)
-        ops.rope_kv_cache(qkv, rope, positions, kv_rows, want_k, want_v)
-        q = torch.full((M, nh * hd), float("nan"), device="cuda").bfloat16()
-        k_cache, v_cache = (c.clone() for c in caches)
-        ops.gemv_rope(x[:M], w, b, q, rope, positions, kv_rows, k_cache, v_cache)
-        assert torch.equal(q, qkv[:, :nh * hd]), f"q, M = {M}"
-        assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v), f"cache, M = {M}"
-    if hd == 16:
-        with pytest.raises(RuntimeError, match="hd % 16 == 0"):
-            narrow = torch.zeros(rows, 2 * nkv, 8, dtype=BF16, device="cuda")
-            ops.gemv_rope(x[:1], w, b, q[:1], rope[:, :, :8].contiguous(), positions[:1], kv_rows[:1], narrow, narrow)
-
-
-@pytest.mark.parametrize("B,V", [(1, 128256), (6, 152064), (128, 128256), (6, 8), (7, 8200), (6, 32768)])
-def test_argmax(B, V):
-    """Greedy sampling's kernel picks what torch's argmax(-1) picks on the GPU: ties to the first
-    index (inside one CTA's span and across spans), -0 equal to +0, infinities, a NaN above every
-    number; rows may be strided."""
-    ops = build_ext.load()
-    g = torch.Generator("cuda").manual_seed(B * V)
-    x = torch.randn(B, V + 16, generator=g, device="cuda").bfloat16()[:, :V]   # rows V + 16 apart
-    x[0, [3, V // 2, V - 1]] = 60.0                                            # ties across spans
-    if B > 1:
-        special = torch.tensor([-0.0, 0.0, float("nan"), float("inf"), float("-inf")], dtype=BF16, device="cuda")
-        x[1] = 1.0                                                             # all ties
-        x[2] = -1.0
-        x[2, [V // 3, V - 1]] = special[:2]                                    # -0 first: it wins
-        x[3, [V - 1, V // 2, V // 2 + 1]] = special[[2, 2, 3]]                 # the first NaN
-        x[4] = special[4]
-        x[5] = special[4]
-        x[5, 0] = special[2]
-    out = torch.full((B,), -1, dtype=torch.long, device="cuda")
-    ops.argmax(x, out)
-    assert torch.equal(out, x.argmax(-1)), (out[:8], x.argmax(-1)[:8])
-    assert torch.equal(engine.argmax(x, ops), x.argmax(-1))
-    with pytest.raises(RuntimeError, match="V % 8 == 0"):
-        ops.argmax(x[:, :V - 1], out)
