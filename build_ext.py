@@ -150,9 +150,9 @@ def load(which: str = "comm", verbose: bool = False):
                 module, error = _try(which, lambda: _build_here(which, directory, verbose))
     if error:
         raise BuildError(error)
-    names = [n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n))]
-    _modules[which] = types.SimpleNamespace(**{n: _raising(getattr(module, n)) for n in names},
-                                            limits=module.limits(), so=module.__file__)
+    ops = {n: _raising(getattr(module, n)) for n in dir(module) if not n.startswith("_") and n != "limits"
+           and callable(getattr(module, n))}
+    _modules[which] = types.SimpleNamespace(**ops, limits=module.limits(), so=module.__file__)
     return _modules[which]
 
 

@@ -260,8 +260,9 @@ class Attention(nn.Module):
         span's queries see its keys up to their own positions (the causal mask aligned to the span's
         end). On CUDA, FlashAttention's variable-length kernel reads every span's keys in place, in
         two calls at most: the decode tokens (one query each), then the prompt chunks. One call for
-        both would run every decode token as a tile of 128 queries, most of them empty."""
-        if not q.is_cuda:
+        both would run every decode token as a tile of 128 queries, most of them empty. FlashAttention
+        runs bf16 and fp16 only: other dtypes, and the CPU, take the reference."""
+        if not q.is_cuda or q.dtype not in (torch.bfloat16, torch.float16):
             return attend_reference(q, self.k_cache, self.v_cache, batch)
         s, n = batch.n_single, len(batch.spans)
         if s == 0:                                                            # prompt chunks only
