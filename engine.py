@@ -28,7 +28,7 @@ import fastpath
 import models
 from batch import Batch, Span, upload
 from comm import check_comm, make_comm
-from group import UserError, broadcast_from_rank0, init_distributed
+from group import UserError, agree, broadcast_from_rank0, init_distributed
 from weave import Tuning, Weaver, tuning_path
 
 
@@ -40,6 +40,7 @@ class Sequence:
     out: list = dataclasses.field(default_factory=list)
     text: str | None = None  # out decoded (LLM.generate, with a tokenizer)
     error: str | None = None
+    finish: str | None = None  # why it ended: "stop" (an end-of-sequence token) or "length" (max_new)
     row: int = -1            # first row of its cache range
     # Counted when a step is scheduled, so that the next step can be scheduled (and launched) while
     # this one runs: the tokens whose K/V are in the cache once the scheduled steps ran, and the
@@ -169,7 +170,7 @@ class Scheduler:
             s.t_first = s.t_first or now
             new.append((s, t))
             if t in eos or len(s.out) == s.max_new:
-                s.t_done, s.done = now, True
+                s.t_done, s.done, s.finish = now, True, "stop" if t in eos else "length"
                 self.running.remove(s)
                 self.cache.release(s.row, s.need)
                 done.append(s)
@@ -356,7 +357,7 @@ class Engine:
             free, total = torch.cuda.mem_get_info(self.d.device)
             spare = self.memory * total - (total - free) - 2 * self.activation_bytes() - 2**28
         else:
-            spare = self.memory * available_host_memory()
+            spare = self.memory * models.available_host_memory()
         rows = torch.tensor(max(int(spare // per_row) - 1, 0), device=self.d.device)   # -1: the scratch row
         if self.d.world > 1:
             dist.all_reduce(rows, op=dist.ReduceOp.MIN)
@@ -397,10 +398,15 @@ class Engine:
                     f"{self.model.cfg.vocab} (ids 0 to {self.model.cfg.vocab - 1}); check the tokenizer that made it")
         if n + seq.max_new > context:
             return (f"the prompt has {n} tokens: with {seq.max_new} new tokens it exceeds the model's context "
-                    f"of {context}; shorten it or ask for fewer new tokens")
+                    f"of {context}; shorten it, or ask for at most {context - n} new tokens (--max-new-tokens)"
+                    if n < context else f"the prompt has {n} tokens: it exceeds the model's context of {context} by "
+                                        f"itself; shorten it")
         if seq.need > self.rows:
+            fewer = (f"ask for at most {self.rows - n + 1} new tokens (--max-new-tokens), "
+                     if self.rows >= n else "shorten it, ")
             return (f"the prompt has {n} tokens: with {seq.max_new} new tokens it needs {seq.need} positions of KV "
-                    f"cache, more than the {self.rows} that fit in memory; ask for fewer new tokens, or use more GPUs")
+                    f"cache, more than the {self.rows} that fit in memory (--memory {self.memory:g}); {fewer}raise "
+                    f"--memory, or use more GPUs")
         return None
 
     def generate(self, prompts, max_new: int, eos=(), sampling: Sampling = Sampling(), on_token=None, on_step=None):
@@ -483,16 +489,45 @@ class Flight:
         return self.host.tolist()
 
 
-def available_host_memory() -> int:
-    """Bytes the host can still give (MemAvailable: free plus reclaimable caches)."""
-    try:
-        with open("/proc/meminfo") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration, ValueError):
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
 # ----------------------------------------------------------------------------- the API
+
+
+def check_step_budget(budget: int, max_seqs: int, cfg, dtype, d):
+    """A step budget the run can use and hold: no more tokens than max_seqs sequences of the model's
+    context can bring to one step, and two step buffers that fit beside the rest."""
+    most = max_seqs * cfg.max_positions
+    if budget > most:
+        raise UserError(f"--max-step-tokens {budget} is more than a step can ever hold: --max-seqs {max_seqs} "
+                        f"sequences of the model's context ({cfg.max_positions}) bring at most {most}; lower it")
+    per_token = 2 * cfg.hidden * dtype.itemsize                            # the comm's two step buffers
+    spare = 0.5 * (torch.cuda.mem_get_info(d.device)[0] if d.device.type == "cuda" else models.available_host_memory())
+    if budget * per_token > spare:
+        raise UserError(f"--max-step-tokens {budget} needs {budget * per_token / 2**30:.1f} GiB of step buffers, more "
+                        f"than this machine has to spare; the largest that fits is {int(spare // per_token)}")
+
+
+def option(name: str, value, kind, ok=lambda v: True, want: str = ""):
+    """value, checked at the API's boundary: an instance of `kind` (int never a bool; float also an
+    int) for which ok(value) holds; else a UserError naming the option and what it takes."""
+    kinds = (int, float) if kind is float else (kind,)
+    if not isinstance(value, kinds) or (kind in (int, float) and isinstance(value, bool)) or not ok(value):
+        raise UserError(f"{name} must be {want or kind.__name__}, got {value!r}")
+    return value
+
+
+def prompt_list(prompts) -> list:
+    """The prompts as a list: one string is one prompt; otherwise a list (or tuple) of strings and of
+    token-id lists."""
+    if isinstance(prompts, str):
+        return [prompts]
+    if not isinstance(prompts, (list, tuple)):
+        raise UserError(f"prompts must be a list of strings or of token-id lists, got a {type(prompts).__name__}")
+    for i, p in enumerate(prompts):
+        ids = isinstance(p, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in p)
+        if not (isinstance(p, str) or ids):
+            hint = "; token ids go in a list of lists, e.g. [[1, 2, 3]]" if isinstance(p, int) else ""
+            raise UserError(f"prompt {i} is {p!r}: a prompt is a string or a list of token ids{hint}")
+    return list(prompts)
 
 
 class LLM:
@@ -500,50 +535,60 @@ class LLM:
 
         with engine.LLM("meta-llama/Llama-3.3-70B-Instruct") as llm:
             for seq in llm.generate(["Explain tensor parallelism"], max_new_tokens=64):
-                print(seq.index, seq.text, seq.t_first - seq.t_admit)
+                print(seq.index, seq.text, seq.finish, seq.t_first - seq.t_admit)
 
     model: a checkpoint directory, a hub id, a preset name (random weights; token-id prompts only)
     or None (the demo). tokenizer: this model's models.Tokenizer if the caller has loaded it already.
     fast: the one-GPU fast path's kernels (fastpath.py) where they can run; off, the plain model.
-    The model, the comm buffers, the KV cache and the graphs are freed by close() (or leaving the
-    with block); the process group stays (init_distributed made it).
+    Every option is checked here, and a bad one raises UserError naming it. The model, the comm
+    buffers, the KV cache and the graphs are freed by close() (or leaving the with block); the
+    process group stays (init_distributed made it).
     """
 
     def __init__(self, model: str | None = None, *, comm: str = "auto", weave: str = "auto",
                  graphs: str = "auto", tuning=None, max_seqs: int = 256, max_step_tokens: int = 2048,
                  memory: float = 0.9, device: str = "auto", dtype: torch.dtype | None = None,
                  layers: int | None = None, dist=None, log=None, tokenizer=None, fast: bool = True):
+        self.engine = None
+        if model is not None:
+            option("model", model, str, want="a checkpoint directory, a hub id, a preset name or None")
+        option("max_seqs", max_seqs, int, lambda v: v >= 1, "an integer >= 1")
+        option("max_step_tokens", max_step_tokens, int, lambda v: v >= 1, "an integer >= 1")
+        option("memory", memory, float, lambda v: 0 < v <= 1, "a fraction in (0, 1]")
+        option("fast", fast, bool, want="True or False")
+        if layers is not None:
+            option("layers", layers, int, lambda v: v >= 1, "an integer >= 1 or None")
+        if dtype is not None:
+            option("dtype", dtype, torch.dtype, lambda v: v.is_floating_point, "a floating-point torch dtype")
+        for name, value, choices in (("graphs", graphs, ("auto", "on", "off")), ("weave", weave, ("auto", "on", "off")),
+                                     ("device", device, ("auto", "cuda", "cpu"))):
+            option(name, value, str, lambda v: v in choices, " or ".join(choices))
         self.d = dist or init_distributed(device)
         self.log = log or (lambda s: None)
-        self.path = models.resolve(model, self.d)
+        self.path = models.resolve(model)
         module, cfg = models.config(self.path)
         cuda = self.d.device.type == "cuda"
         dtype = dtype or (getattr(torch, cfg.dtype.replace("torch.", ""), None) if cuda else torch.float32)
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise UserError(f"config.json's dtype {cfg.dtype!r} is not a torch floating-point dtype")
-        if graphs not in ("auto", "on", "off"):
-            raise UserError(f"graphs must be auto, on or off, not {graphs!r}")
         if graphs == "on" and not cuda:
             raise UserError("graphs on needs CUDA; on the CPU use graphs off (or auto)")
         check_comm(comm, self.d, dtype, cfg.hidden)                     # before minutes of loading
         if not isinstance(tuning, Tuning):
             tuning = Tuning.load(tuning or tuning_path(cfg, self.d.world), required=tuning is not None)
         Scheduler.check_limits(max_seqs, max_step_tokens)
+        check_step_budget(max_step_tokens, max_seqs, cfg, dtype, self.d)
         is_dir = os.path.isdir(self.path)      # else a preset: no tokenizer, token-id prompts only
         has_tokenizer = is_dir and os.path.exists(os.path.join(self.path, "tokenizer.json"))
         self.tokenizer = tokenizer or (models.Tokenizer(self.path, cfg.vocab) if has_tokenizer else None)
         self.eos = models.eos_ids(cfg, self.path if is_dir else None)
-        step_bytes = 2 * max_step_tokens * cfg.hidden * dtype.itemsize     # the comm's two step buffers
-        if step_bytes > 0.5 * (torch.cuda.mem_get_info(self.d.device)[0] if cuda else available_host_memory()):
-            raise UserError(f"--max-step-tokens {max_step_tokens} needs {step_bytes / 2**30:.1f} GiB of step buffers, "
-                            f"more than this machine has to spare; lower it (2048 is the default)")
-        self.model = models.load(self.path, self.d, dtype, layers, self.log)
+        self.model = agree(self.d, lambda: models.load(self.path, self.d, dtype, layers, self.log, memory))
         self.fast = fast and fastpath.enable(self.model)
         try:
             self.comm = make_comm(comm, self.d, cfg.hidden, max_step_tokens, dtype)
         except torch.OutOfMemoryError:
-            raise UserError(f"the step buffers of --max-step-tokens {max_step_tokens} do not fit in GPU memory "
-                            f"beside the model; lower it, or use more GPUs") from None
+            raise UserError(f"the step buffers of max_step_tokens {max_step_tokens} (--max-step-tokens) do not fit in "
+                            f"GPU memory beside the model; lower it, or use more GPUs") from None
         self.weaver = Weaver(self.model, self.comm, weave, tuning)
         self.engine = Engine(self.weaver, max_seqs, max_step_tokens, graphs == "on" or (graphs == "auto" and cuda),
                              memory, fastpath.argmax if self.fast else greedy)
@@ -552,32 +597,49 @@ class LLM:
     def comm_name(self) -> str:
         return self.comm.name + (f"/{self.comm.transport}" if self.comm.name == "fused" else "")
 
-    def encode(self, prompts: list, chat: bool = False) -> list:
-        """Token ids of text prompts (lists of ids pass through)."""
+    def open(self):
+        if self.engine is None:
+            raise UserError("this LLM is closed; make a new engine.LLM to generate again")
+
+    def encode(self, prompts, chat: bool = False) -> list:
+        """Token ids of the prompts (see prompt_list): text through the tokenizer (in the chat template
+        with `chat`), token-id lists as they are."""
+        prompts = prompt_list(prompts)
+        option("chat", chat, bool, want="True or False")
         texts = [p for p in prompts if isinstance(p, str)]
         if texts and self.tokenizer is None:
             raise UserError(f"{self.path} has no tokenizer: give prompts as token id lists")
         ids = iter(self.tokenizer.encode(texts, chat) if texts else [])
         return [next(ids) if isinstance(p, str) else list(p) for p in prompts]
 
-    def prepare(self, prompts: list, max_new_tokens: int = 64, chat: bool = False):
+    def prepare(self, prompts, max_new_tokens: int = 64, chat: bool = False):
         """Sizes the KV cache and captures the decode graphs for these prompts now, so that generate
         starts at once (generate does it too, where it has not been done)."""
+        self.open()
+        option("max_new_tokens", max_new_tokens, int, lambda v: v >= 1, "an integer >= 1")
         self.engine.prepare(self.encode(prompts, chat), max_new_tokens)
 
-    def generate(self, prompts: list, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
+    def generate(self, prompts, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int = 0, chat: bool = False, on_token=None, on_step=None):
-        """Yields a Sequence per prompt as it finishes (input order is .index): .out (token ids),
-        .text, .error (a prompt that cannot run: the others still do), and timings (.t_admit,
-        .t_first, .t_done, perf_counter seconds). on_token(seq, token) sees every new token."""
-        if not (temperature >= 0 and temperature != float("inf")):
-            raise UserError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-        if not 0 < top_p <= 1:
-            raise UserError(f"top_p must be in (0, 1] (1 = keep all tokens), got {top_p}")
-        if max_new_tokens < 1:
-            raise UserError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-        for seq in self.engine.generate(self.encode(prompts, chat), max_new_tokens, self.eos,
-                                        Sampling(temperature, top_p, seed), on_token, on_step):
+        """An iterator of one Sequence per prompt, each as it finishes (input order is .index): .out
+        (token ids), .text, .finish ("stop" at an end-of-sequence token, "length" at
+        max_new_tokens), .error (a prompt that cannot run: the others still do), and timings
+        (.t_admit, .t_first, .t_done, perf_counter seconds). prompts: a list of strings and of
+        token-id lists, or one string. on_token(seq, token) sees every new token, on_step(step,
+        seconds) every step. The arguments are checked here, before the first step."""
+        self.open()
+        option("max_new_tokens", max_new_tokens, int, lambda v: v >= 1, "an integer >= 1")
+        option("temperature", temperature, float, lambda v: 0 <= v < float("inf"), "a number >= 0 (0 = greedy)")
+        option("top_p", top_p, float, lambda v: 0 < v <= 1, "a number in (0, 1] (1 = keep all tokens)")
+        option("seed", seed, int, want="an integer")
+        for name, fn in (("on_token", on_token), ("on_step", on_step)):
+            if fn is not None and not callable(fn):
+                raise UserError(f"{name} must be a function or None, got {fn!r}")
+        ids = self.encode(prompts, chat)
+        return self._generate(ids, max_new_tokens, Sampling(float(temperature), float(top_p), seed), on_token, on_step)
+
+    def _generate(self, ids, max_new_tokens, sampling, on_token, on_step):
+        for seq in self.engine.generate(ids, max_new_tokens, self.eos, sampling, on_token, on_step):
             if self.tokenizer is not None and seq.error is None:
                 seq.text = self.decode(seq.out)
             yield seq
@@ -587,12 +649,12 @@ class LLM:
 
     def close(self):
         """Frees the graphs (they captured the comm's collectives), the cache, the comm buffers and
-        the model, in that order, and waits for the GPU."""
+        the model, in that order, and waits for the GPU. Closing twice is harmless."""
         if getattr(self, "engine", None) is not None:
             self.engine.close()
         self.engine = self.weaver = self.comm = self.model = None
         gc.collect()
-        if self.d.device.type == "cuda":
+        if hasattr(self, "d") and self.d.device.type == "cuda":
             torch.cuda.synchronize(self.d.device)
             torch.cuda.empty_cache()
 

@@ -49,6 +49,29 @@ def init_distributed(device: str = "auto") -> Dist:
     return Dist(rank, world, dev, local_rank, local_world)
 
 
+def agree(d: Dist, fn):
+    """fn() on every rank, with one outcome everywhere: if it raised UserError or ran out of memory
+    on any rank, every rank raises the same UserError (the first failing rank's, named), so that a
+    failure on one rank ends the run with one message instead of a hang or the others' tracebacks.
+    fn itself must not communicate."""
+    out, error = None, None
+    try:
+        out = fn()
+    except UserError as e:
+        error = str(e)
+    except torch.OutOfMemoryError:
+        error = "out of GPU memory; use more GPUs (torchrun --nproc-per-node) or a smaller model"
+    errors = [error]
+    if d.world > 1:
+        errors = [None] * d.world
+        dist.all_gather_object(errors, error)
+    failed = [(r, e) for r, e in enumerate(errors) if e]
+    if failed:
+        r, e = failed[0]
+        raise UserError(e if all(x == e for x in errors) else f"rank {r}: {e}")
+    return out
+
+
 def broadcast_from_rank0(t: torch.Tensor, d: Dist) -> torch.Tensor:
     """Rank 0's t on every rank (sampled tokens: every rank must continue with the same ones)."""
     t = t.contiguous()

@@ -14,7 +14,6 @@ import tempfile
 import time
 
 import torch
-import torch.distributed as dist
 
 import llama
 import mixtral
@@ -103,17 +102,62 @@ def build(cls, cfg, d: Dist, dtype: torch.dtype):
         torch.set_default_dtype(default)
 
 
-def load(spec: str, d: Dist, dtype: torch.dtype, layers: int | None = None, log=lambda s: None):
+def load(spec: str, d: Dist, dtype: torch.dtype, layers: int | None = None, log=lambda s: None, memory: float = 1.0):
     """The sharded model: a preset name (random weights) or a checkpoint directory (see resolve).
-    layers: keep only the first this many layers (quick benchmarks)."""
+    layers: keep only the first this many layers (quick benchmarks). The weights must fit in
+    `memory` of the device's memory (of the host's available memory on the CPU): checked first, so
+    a model too large fails in seconds with the size it needs, not minutes later by the OS."""
     module, cfg = config(spec)
     if layers:
         cfg = dataclasses.replace(cfg, n_layers=layers)
+    check_fits(spec, module, cfg, d, dtype, memory)
     model = build(module.Transformer, cfg, d, dtype)
     if spec in PRESETS:
         return model.init_random_()
     log(f"loading {spec} ({cfg.model_type}, {cfg.n_layers} layers, TP {d.world}, {str(dtype)[6:]}) on {d.device.type}")
     return load_checkpoint(model, spec, log, partial=bool(layers))
+
+
+def weight_bytes(module, cfg, d: Dist, dtype: torch.dtype) -> int:
+    """What this rank's shards of the model take, counted on the meta device (no memory)."""
+    meta = build(module.Transformer, cfg, Dist(d.rank, d.world, torch.device("meta")), dtype)
+    return sum(p.numel() for p in meta.parameters()) * dtype.itemsize
+
+
+def spare_bytes(d: Dist, memory: float) -> int:
+    """Memory this process may still fill: `memory` of the GPU minus what is in use, or `memory` of
+    what the host has available."""
+    if d.device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(d.device)
+        return int(memory * total - (total - free))
+    return int(memory * available_host_memory())
+
+
+def check_fits(spec: str, module, cfg, d: Dist, dtype: torch.dtype, memory: float):
+    need, spare = weight_bytes(module, cfg, d, dtype), spare_bytes(d, memory)
+    if need > spare:
+        where = f"GPU {d.device.index or 0}" if d.device.type == "cuda" else "this host"
+        raise UserError(f"{spec} needs {size(need)} for its weights ({str(dtype)[6:]}) on each of {d.world} "
+                        f"rank{'s' * (d.world > 1)}, and {where} has {size(max(spare, 0))} to spare (at "
+                        f"--memory {memory:g}); raise --memory if it is low, use more GPUs (torchrun --nproc-per-node), "
+                        f"or a machine with more memory")
+
+
+def size(n: int) -> str:
+    """n bytes for a reader: 262.8 GiB, 1.4 MiB, 20 bytes."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
+
+
+def available_host_memory() -> int:
+    """Bytes the host can still give (MemAvailable: free plus reclaimable caches)."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 @torch.no_grad()
@@ -223,7 +267,9 @@ class Tokenizer:
         return self.tok.decode(ids)
 
     def chat_template(self):
-        """prompt -> the text the checkpoint's chat template makes of one user message."""
+        """prompt -> the text the checkpoint's chat template makes of one user message, rendered as
+        transformers' apply_chat_template renders it (sandbox_template); a template that does not
+        render, or reaches outside the sandbox, is one clear error."""
         import jinja2
         tc, where = self.config, os.path.join(self.path, "tokenizer_config.json")
         template = tc.get("chat_template")
@@ -231,27 +277,77 @@ class Tokenizer:
             template = next((t["template"] for t in template if t.get("name") == "default"), template[0]["template"])
         if not template:
             raise UserError(f"--chat: the checkpoint in {self.path} has no chat template (tokenizer_config.json)")
-        special = lambda v: (v.get("content") if isinstance(v, dict) else v) or ""   # noqa: E731
+        special = {k: (v.get("content") if isinstance(v, dict) else v) for k, v in tc.items()
+                   if k in SPECIAL_TOKENS and isinstance(v, (str, dict))}
+
+        def render(p):
+            try:
+                return t.render(messages=[{"role": "user", "content": p}], tools=None, documents=None,
+                                add_generation_prompt=True, **special)
+            except jinja2.TemplateError as e:    # SecurityError and raise_exception's errors among them
+                raise UserError(f"--chat: the chat template in {where} does not render ({type(e).__name__}: {e}); "
+                                f"fix it, or leave --chat out") from None
         try:
-            t = jinja2.Environment().from_string(template)
-            render = lambda p: t.render(messages=[{"role": "user", "content": p}], add_generation_prompt=True,  # noqa: E731
-                                        bos_token=special(tc.get("bos_token")), eos_token=special(tc.get("eos_token")))
-            render("")
+            t = sandbox_template(template)
         except jinja2.TemplateError as e:
             raise UserError(f"--chat: the chat template in {where} does not render ({type(e).__name__}: {e}); "
                             f"fix it, or leave --chat out") from None
+        render("")
         return render
+
+
+SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
+
+
+def sandbox_template(source: str):
+    """A chat template compiled as transformers compiles it: jinja2's immutable sandbox (a template
+    that comes with a checkpoint is untrusted code), trim_blocks and lstrip_blocks, loop controls,
+    its tojson filter and its globals (raise_exception, strftime_now, namespace without underscore
+    names)."""
+    import datetime
+    import jinja2
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def no_underscore(name):
+        if isinstance(name, str) and name.startswith("_"):
+            raise jinja2.exceptions.SecurityError(f"a namespace cannot hold {name!r}")
+
+    class Namespace(jinja2.utils.Namespace):
+        def __init__(*args, **kwargs):
+            self, attrs = args[0], dict(*args[1:], **kwargs)
+            for name in attrs:
+                no_underscore(name)
+            jinja2.utils.Namespace.__init__(self, attrs)
+
+        def __setitem__(self, name, value):
+            no_underscore(name)
+            jinja2.utils.Namespace.__setitem__(self, name, value)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: json.dumps(
+        x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+    env.globals |= {"raise_exception": raise_exception, "namespace": Namespace,
+                    "strftime_now": lambda fmt: datetime.datetime.now().strftime(fmt)}
+    return env.from_string(source)
 
 
 # ----------------------------------------------------------------------------- where a checkpoint comes from
 
 
-def resolve(name: str | None, d: Dist) -> str:
+def resolve(name: str | None) -> str:
     """A checkpoint directory or preset for --model: None is the demo (made once), a preset or a
-    directory is itself, a hub id is downloaded (config, safetensors, tokenizer) by rank 0 first."""
+    directory is itself, a hub id is downloaded (config, safetensors, tokenizer). Every rank calls it
+    before the process group exists, so no group waits on a download and times out: the hub's cache
+    lets one process fetch a file while the others wait for it, and make_demo's rename lets one
+    process make the demo while the others find it made."""
     if name is None:
         try:
-            first_rank_then_others(d, lambda: os.path.isdir(DEMO_DIR) or make_demo(DEMO_DIR))
+            if not os.path.isdir(DEMO_DIR):
+                make_demo(DEMO_DIR)
         except OSError as e:
             why = f"{e.strerror}: {e.filename}" if e.strerror and e.filename else str(e)
             raise UserError(f"cannot create the demo model in {DEMO_DIR} ({why}); set XDG_CACHE_HOME to a "
@@ -264,28 +360,19 @@ def resolve(name: str | None, d: Dist) -> str:
     if name.startswith((".", "/", "~")) or os.sep in name.strip("/").replace("/", "", 1):
         raise UserError(f"model {name}: no such directory")
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
-
-    def download(**kw):
-        try:
-            return snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "tokenizer*"], **kw)
-        except GatedRepoError:
-            raise UserError(f"{name} is gated: accept its license on the hub and log in (`hf auth login`)") from None
-        except RepositoryNotFoundError:
-            raise UserError(f"model {name}: not a local directory, nor a model on the hub") from None
-        except LocalEntryNotFoundError:
-            raise UserError(f"cannot download {name}: offline and not in the local cache; "
-                            f"download it where there is network, or pass a local directory") from None
-    first_rank_then_others(d, download)
-    return download(local_files_only=True) if d.rank else download()
-
-
-def first_rank_then_others(d: Dist, fn):
-    """Rank 0 runs fn (a download, a build) before the others, which then find it done."""
-    if d.rank == 0:
-        fn()
-    if d.world > 1:
-        dist.barrier()
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+    try:
+        return snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "tokenizer*"])
+    except GatedRepoError:
+        raise UserError(f"{name} is gated: accept its license on the hub and log in (`hf auth login`)") from None
+    except RepositoryNotFoundError:
+        raise UserError(f"model {name}: not a local directory, nor a model on the hub") from None
+    except LocalEntryNotFoundError:
+        raise UserError(f"cannot download {name}: offline and not in the local cache; "
+                        f"download it where there is network, or pass a local directory") from None
+    except (HfHubHTTPError, OSError) as e:
+        raise UserError(f"cannot download {name} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else e!r}); "
+                        f"try again, or pass a local directory") from None
 
 
 DEMO_CONFIG = dict(model_type="llama", hidden_size=128, num_hidden_layers=4, num_attention_heads=8,

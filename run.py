@@ -12,8 +12,10 @@ at most --max-step-tokens, and a large step is split in two halves whose communi
 computation overlap. One prompt is printed as it is generated; many are printed in input order
 (or, with --json, one line each as it finishes), with a progress line on stderr.
 
-Exit codes: 0 every prompt completed; 1 a prompt or the run failed (the error: line says why); 2 a
-bad command line; 130 interrupted (Ctrl-C).
+stdout holds the results only (the text, or with --json one line per prompt); progress, timings
+and errors go to stderr. Exit codes: 0 every prompt completed; 1 a prompt or the run failed (the
+error: line says why); 2 a bad command line; 130 interrupted (Ctrl-C); 143 a rank was stopped
+(SIGTERM; one line says which).
 """
 import time
 
@@ -25,7 +27,9 @@ import io  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
+import signal  # noqa: E402
 import sys  # noqa: E402
+import tempfile  # noqa: E402
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
@@ -92,15 +96,15 @@ def parse_args(argv=None):
                    "runs); longer prompts are prefilled over several steps")
     p.add_argument("--memory", type=float, default=0.9, help="fraction of the GPU's memory this process may "
                    "fill in all (weights, step buffers, KV cache), in (0, 1] (default 0.9; on the CPU: of the "
-                   "host's available memory, for the KV cache). The ready line says what the cache got")
+                   "host's available memory). The ready line says what the KV cache got")
     p.add_argument("--weave", choices=["auto", "on", "off"], default="auto", help="split steps in two and overlap "
                    "comm with compute: auto = at or above the tuned token threshold (default), on = every step "
                    "of 2+ tokens, off = never")
     p.add_argument("--comm", choices=comm.CHOICES, default="auto",
                    help="comm point backend: fused (one kernel: all-reduce + add + RMSNorm, Hopper, bf16), nccl "
-                   "(all-reduce then add + RMSNorm), gloo (CPU reference), none (no communication: wrong "
-                   "results, for timing only); auto = fused where it can run, else nccl, gloo on CPU. "
-                   "Needs 2+ ranks, except auto and none")
+                   "(all-reduce then add + RMSNorm), gloo (CPU reference); auto = fused where it can run, else "
+                   "nccl, gloo on CPU. Needs 2+ ranks, except auto. (bench.py also has none: no communication, "
+                   "for timing only)")
     p.add_argument("--graphs", choices=["auto", "on", "off"], default="auto", help="replay decode steps from "
                    "CUDA graphs, captured at start for the batch sizes the run can reach: auto = on CUDA "
                    "(default), off = launch every kernel from Python")
@@ -109,7 +113,8 @@ def parse_args(argv=None):
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="default: cuda if available")
     p.add_argument("--json", action="store_true", help="print one JSON line per prompt as it finishes: index "
                    "(its place among all prompts), line (its line in --prompts-file), prompt, text, token_ids, "
-                   "timings; error for a prompt that could not run. stdout has nothing else")
+                   "finish_reason (stop: an end-of-sequence token; length: --max-new-tokens; error), timings; "
+                   "error for a prompt that could not run. stdout has nothing else")
     args, extra = p.parse_known_args(argv)
     if extra:
         what = extra[0]
@@ -121,6 +126,9 @@ def parse_args(argv=None):
         raise UsageError(f"--top-p must be in (0, 1] (1 = keep all tokens), got {args.top_p}")
     if not 0 < args.memory <= 1:
         raise UsageError(f"--memory must be in (0, 1], got {args.memory}")
+    if args.comm == "none":
+        raise UsageError("--comm none removes the communication, so the text is not the model's: it is a "
+                         "benchmark mode (bench.py); use --comm auto")
     if args.max_seqs is None:
         args.max_seqs = min(256, args.max_step_tokens)
     if args.max_seqs > args.max_step_tokens:
@@ -168,6 +176,8 @@ def read_file(f: str):
 
 
 def read_stdin(f: str):
+    if sys.stdin.isatty():
+        print("reading prompts from the terminal, one per line; end with Ctrl-D", file=sys.stderr, flush=True)
     text = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8-sig")
     try:
         return read_lines(text, f)
@@ -239,9 +249,9 @@ class Printer:
         line, text = self.prompts[seq.index]
         out = {"index": seq.index} | ({"line": line} if line else {}) | {"prompt": text}
         if seq.error:
-            return out | {"error": seq.error, "text": "", "token_ids": []}
+            return out | {"error": seq.error, "text": "", "token_ids": [], "finish_reason": "error"}
         decode = seq.t_done - seq.t_first
-        return out | {"text": seq.text, "token_ids": seq.out, "ttft_s": seq.t_first - self.t0,
+        return out | {"text": seq.text, "token_ids": seq.out, "finish_reason": seq.finish, "ttft_s": seq.t_first - self.t0,
                       "prefill_tok_s": len(seq.prompt) / max(seq.t_first - seq.t_admit, 1e-9),
                       "decode_tok_s": (len(seq.out) - 1) / decode if len(seq.out) > 1 and decode > 0 else None,
                       "decode_steps": len(seq.out) - 1, "load_s": self.load_s}
@@ -275,7 +285,7 @@ class Printer:
             line = (f"load {self.load_s:.1f}s | {len(self.ttfts)} prompts in {wall:.2f}s | {self.n_out / wall:.1f} "
                     f"output tok/s, {(self.n_in + self.n_out) / wall:.1f} total tok/s | median time to first token "
                     f"{ttft * 1e3:.0f} ms {how}")
-        print(line, file=sys.stderr if self.args.json else sys.stdout, flush=True)
+        print(line, file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------- main
@@ -303,17 +313,44 @@ def sync(d) -> float:
     return time.perf_counter()
 
 
+def stop_marker() -> str:
+    """A file the ranks of one torchrun launch on this host share: their parent's pid and the port."""
+    return os.path.join(tempfile.gettempdir(), f"tokenweave-{os.getppid()}-{os.environ.get('MASTER_PORT', 0)}.stopped")
+
+
+def on_sigterm(signum, frame):
+    """A rank stopped by SIGTERM, from outside or by torchrun after another rank ended: one line for
+    the whole run, from the first rank to get it (a marker file that the run's ranks share, keyed by
+    torchrun's process), and the process ends at once, leaving nothing behind."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    try:
+        os.close(os.open(stop_marker(), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        first = True
+    except OSError:
+        first = False
+    if first or world == 1:
+        who = f"rank {rank} of {world}" if world > 1 else "the run"
+        also = "; the other ranks stop with it" if world > 1 else ""
+        print(f"\nerror: {who} was stopped (SIGTERM){also}", file=sys.stderr, flush=True)
+    os._exit(128 + signal.SIGTERM)
+
+
 @torch.no_grad()
 def main(argv=None) -> int:
     rank0 = int(os.environ.get("RANK", 0)) == 0
     d, run, completed = None, {}, False
     say = lambda msg: print(msg, file=sys.stderr, flush=True) if ((d.rank == 0) if d else rank0) else None  # noqa: E731
+    if __name__ == "__main__":
+        signal.signal(signal.SIGTERM, on_sigterm)
+        if rank0 and os.path.exists(stop_marker()):     # a stale one, from an earlier launch with these keys
+            os.remove(stop_marker())
     try:
         args = parse_args(argv)
         check_gpus(args.device)
+        path = models.resolve(args.model)      # before the process group: no rank waits on a download
         d = group.init_distributed(args.device)
         comm.check_comm(args.comm, d)          # the ranks and devices it needs: fails before minutes of loading
-        failed = generate(args, d, run)
+        failed = generate(args, d, run, path)
         completed = True
         return 1 if failed else 0    # the others completed; the failed ones said why
     except BrokenPipeError:     # stdout's reader left early (`run.py --json | head -1`)
@@ -332,24 +369,30 @@ def main(argv=None) -> int:
         shutdown(d, completed)
 
 
-def generate(args, d, run: dict) -> int:
+def generate(args, d, run: dict, path: str) -> int:
     """Checks what it can before loading (prompts, tokenizer, lengths against the context), loads,
     runs every prompt, prints the results; returns how many prompts failed. The LLM goes into `run`
     so that main closes it (graphs, comm buffers, model) before the process group goes."""
     log = (lambda s: print(s, file=sys.stderr, flush=True)) if d.rank == 0 else (lambda s: None)
     t0 = time.perf_counter()
     prompts = read_prompts(args, d)
-    path = models.resolve(args.model, d)
     if args.model is None:
         log(f"no --model given: using the demo model at {path} (tiny, RANDOM weights: the text is gibberish)")
+    if path in models.PRESETS:
+        raise UserError(f"--model {path} is a preset (random weights of that shape, no tokenizer): run.py needs a "
+                        f"checkpoint with a tokenizer; time presets with bench.py, or give engine.LLM token ids")
     _, cfg = models.config(path)
     tokenizer = models.Tokenizer(path, cfg.vocab)
     ids = tokenizer.encode([p for _, p in prompts], args.chat)
     if all(len(p) + args.max_new_tokens > cfg.max_positions for p in ids):   # nothing could run: say so now
-        longest = max(map(len, ids))
-        raise UserError(f"{'every prompt is' if len(ids) > 1 else 'the prompt is'} too long: with --max-new-tokens "
-                        f"{args.max_new_tokens}, {longest} prompt tokens exceed the model's context of "
-                        f"{cfg.max_positions}; shorten it or ask for fewer new tokens")
+        shortest, one = min(map(len, ids)), len(ids) == 1
+        if shortest >= cfg.max_positions:
+            raise UserError(f"{'the prompt has' if one else 'every prompt has'} {shortest}{'' if one else ' or more'} "
+                            f"tokens: {'it exceeds' if one else 'they exceed'} the model's context of {cfg.max_positions} "
+                            f"by {'itself' if one else 'themselves'}; shorten {'it' if one else 'them'}")
+        raise UserError(f"--max-new-tokens {args.max_new_tokens} does not fit the model's context of {cfg.max_positions} "
+                        f"with {'the prompt' if one else 'any prompt'} ({shortest}{'' if one else ' tokens or more'}"
+                        f"{' tokens' if one else ''}); the largest that fits is {cfg.max_positions - shortest}")
     llm = run["llm"] = engine.LLM(path, comm=args.comm, weave=args.weave, graphs=args.graphs, tuning=args.tuning,
                                   max_seqs=args.max_seqs, max_step_tokens=args.max_step_tokens, memory=args.memory,
                                   dist=d, log=log, tokenizer=tokenizer)

@@ -192,6 +192,52 @@ def test_broken_chat_template(cli, demo, tmp_path):
     assert "--chat: the checkpoint in" in fails(cli, "--model", path, "--chat")
 
 
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>'"
+          " + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+# The same without whitespace control: transformers' trim_blocks / lstrip_blocks make it render alike.
+CHATML_LOOSE = ("{% for message in messages %}\n<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+                "  {% endfor %}\n{% if add_generation_prompt %}\n<|im_start|>assistant\n{% endif %}\n")
+LLAMA3 = ("{{- bos_token }}\n{%- for message in messages %}\n    {{- '<|start_header_id|>' + message['role'] + "
+          "'<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}\n{%- endfor %}\n"
+          "{%- if add_generation_prompt %}\n    {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}\n"
+          "{%- endif %}\n")
+MIXTRAL = ("{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+           "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+           "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] "
+           "== 'assistant' %}{{ message['content'] + eos_token}}{% else %}{{ raise_exception('Only user and assistant "
+           "roles are supported!') }}{% endif %}{% endfor %}")
+
+
+@pytest.mark.parametrize("template", [CHATML, CHATML_LOOSE, LLAMA3, MIXTRAL], ids=["chatml", "chatml-loose", "llama3",
+                                                                                    "mixtral"])
+def test_chat_template_renders_as_transformers_does(demo, tmp_path, template):
+    """--chat gives the text and the token ids of transformers' apply_chat_template."""
+    from transformers import PreTrainedTokenizerFast
+    path = copy_demo(demo, tmp_path)
+    (path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>",
+                                                            "chat_template": template}))
+    ours = models.Tokenizer(str(path), 10**6)
+    hf = PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"), bos_token="<s>", eos_token="</s>")
+    for prompt in ("The quick brown fox", "  spaced out\nlines  "):
+        messages = [{"role": "user", "content": prompt}]
+        text = hf.apply_chat_template(messages, chat_template=template, add_generation_prompt=True, tokenize=False)
+        ids = hf.apply_chat_template(messages, chat_template=template, add_generation_prompt=True, tokenize=True)
+        ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+        assert ours.chat_template()(prompt) == text
+        assert ours.encode([prompt], chat=True) == [list(ids)]
+
+
+@pytest.mark.parametrize("template,says", [
+    ("{{ ''.__class__.__mro__[1].__subclasses__() }}", "SecurityError: access to attribute '__class__'"),
+    ("{{ raise_exception('no system messages here') }}", "TemplateError: no system messages here"),
+])
+def test_chat_template_outside_the_sandbox_or_raising(cli, demo, tmp_path, template, says):
+    path = copy_demo(demo, tmp_path)
+    (path / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    line = fails(cli, "--model", path, "--chat")
+    assert "--chat: the chat template in" in line and says in line, line
+
+
 def test_demo_cache_not_writable(cli, tmp_path, monkeypatch):
     (tmp_path / "file").write_text("x")
     monkeypatch.setattr(models, "DEMO_DIR", str(tmp_path / "file" / "tokenweave" / "demo"))
@@ -283,9 +329,17 @@ def test_prompt_longer_than_context_fails_alone(cli):
 
 def test_single_prompt_too_long_fails_before_loading(cli):
     line = fails(cli, "--prompt", "fox " * 3000, "--max-new-tokens", 4)
-    assert "the prompt is too long" in line and "context of 2048" in line
+    assert "the prompt has 6002 tokens: it exceeds the model's context of 2048 by itself; shorten it" in line
     rc, out, err = cli("--prompt", "fox " * 3000)
     assert "loading" not in err and out == ""
+
+
+def test_max_new_tokens_too_large_names_the_largest_that_fits(cli):
+    """The prompt is fine; --max-new-tokens is what does not fit: the message says so, with the
+    largest value that does (the demo's context is 2048; "The quick brown fox" is 11 tokens)."""
+    line = fails(cli, "--prompt", "The quick brown fox", "--max-new-tokens", 100000)
+    assert "--max-new-tokens 100000 does not fit the model's context of 2048 with the prompt (11 tokens); " \
+           "the largest that fits is 2037" in line, line
 
 
 # ----------------------------------------------------------------------------- flags
@@ -307,9 +361,52 @@ def test_graphs_on_without_cuda_fails_before_loading(cli, monkeypatch):
     assert "loading" not in err and "demo" not in err
 
 
-def test_step_budget_too_large_for_the_machine(cli):
-    line = fails(cli, "--max-step-tokens", 10**12, "--max-seqs", 4)
-    assert "--max-step-tokens 1000000000000 needs" in line and "GiB of step buffers" in line and "lower it" in line
+def test_step_budget_too_large(cli):
+    """A budget no step can use is refused with the most a step can hold; one that does not fit in
+    memory, with the largest that does."""
+    line = fails(cli, "--max-step-tokens", 10**7)
+    assert "--max-step-tokens 10000000 is more than a step can ever hold: --max-seqs 256 sequences of the model's " \
+           "context (2048) bring at most 524288; lower it" in line, line
+    line = fails(cli, "--max-step-tokens", 10**9, "--max-seqs", 10**6)
+    assert "--max-step-tokens 1000000000 needs" in line and "GiB of step buffers" in line, line
+    largest = int(line.rsplit(" ", 1)[1])
+    assert "the largest that fits is" in line and 0 < largest < 10**9
+
+
+def test_memory_too_small_names_memory(cli):
+    line = fails(cli, "--memory", "1e-9")
+    assert "needs 2.6 MiB for its weights (float32) on each of 1 rank, and this host has" in line, line
+    assert "bytes to spare (at --memory 1e-09); raise --memory" in line, line
+
+
+def test_preset_has_no_tokenizer(cli):
+    line = fails(cli, "--model", "llama-3.3-70b", "--prompt", "x")
+    assert "--model llama-3.3-70b is a preset" in line and "bench.py" in line, line
+
+
+def test_comm_none_is_refused(cli):
+    line = fails(cli, "--comm", "none", code=2)
+    assert "--comm none removes the communication" in line and "benchmark mode" in line
+
+
+def test_prompts_from_a_terminal_say_how_to_end(cli, monkeypatch):
+    class Terminal(io.TextIOWrapper):
+        def isatty(self):
+            return True
+    monkeypatch.setattr(sys, "stdin", Terminal(io.BytesIO(b"The quick\n")))
+    rc, out, err = cli("--prompts-file", "-", "--json", "--max-new-tokens", 2)
+    assert rc == 0 and "one per line; end with Ctrl-D" in err
+
+
+def test_stdout_holds_results_only(cli):
+    """Text mode: stdout is the generated text under its header; the statistics go to stderr. JSON:
+    one line per prompt with why it ended."""
+    rc, out, err = cli("--prompt", "The quick brown fox", "--max-new-tokens", 3)
+    assert rc == 0 and out.startswith("--- The quick brown fox\n") and "tok/s" not in out and "load" not in out
+    assert "time to first token" in err
+    rc, out, err = cli("--prompt", "The quick brown fox", "--prompt", "Once", "--max-new-tokens", 3, "--json")
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert rc == 0 and len(rows) == 2 and all(r["finish_reason"] == "length" for r in rows), rows
 
 
 def test_many_running_sequences_on_cpu_fit_the_host(cli):
@@ -462,16 +559,21 @@ def make_demo_racing(path, start):
 
 
 def test_concurrent_first_runs_make_one_demo(tmp_path):
-    """Four processes make the demo at once: all succeed, one demo is there, no temporary left."""
+    """Four processes make the demo at once: all succeed, one demo is there, no temporary left.
+    Forked with torch on one thread: a fork of a process whose OpenMP pool runs several can hang."""
     path = str(tmp_path / "cache" / "demo")
-    ctx = multiprocessing.get_context("fork")
-    start = ctx.Event()
-    procs = [ctx.Process(target=make_demo_racing, args=(path, start)) for _ in range(4)]
-    for p in procs:
-        p.start()
-    start.set()
-    for p in procs:
-        p.join(120)
+    ctx, threads = multiprocessing.get_context("fork"), torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        start = ctx.Event()
+        procs = [ctx.Process(target=make_demo_racing, args=(path, start)) for _ in range(4)]
+        for p in procs:
+            p.start()
+        start.set()
+        for p in procs:
+            p.join(120)
+    finally:
+        torch.set_num_threads(threads)
     assert [p.exitcode for p in procs] == [0] * 4
     assert os.listdir(tmp_path / "cache") == ["demo"]
     assert sorted(os.listdir(path)) == ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
@@ -576,18 +678,69 @@ def test_error_printed_once_across_ranks(tmp_path):
     assert logs == {"0": f"{says}\n", "1": ""}, logs
 
 
-def test_json_under_torchrun(demo_cache):
-    """The CPU multi-rank run end to end: TP 2 under torchrun on a fresh cache (rank 0 makes the demo,
-    the other rank waits for it), weave on, prompts from the command line and from stdin (rank 0
-    reads them and broadcasts them): stdout is JSON lines only, and the greedy tokens are TP 1's."""
-    r = torchrun("--json", "--max-new-tokens", "12", "--weave", "on", "--prompt", PROMPTS[0], "--prompts-file", "-",
-                 env={"XDG_CACHE_HOME": str(demo_cache)}, stdin=PROMPTS[1] + "\n")
+def test_download_failure_before_the_group_one_line(tmp_path):
+    """A hub id that cannot be downloaded (offline, not cached): every rank fails before the process
+    group exists, so no rank waits at a barrier for another; rank 0 alone says why."""
+    r = torchrun("--model", "no-such-org/no-such-model", launcher=["--tee", "3", "--log-dir", str(tmp_path / "logs")],
+                 env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    assert r.returncode != 0
+    logs = {p.parent.name: p.read_text() for p in (tmp_path / "logs").rglob("stderr.log")}
+    says = "error: cannot download no-such-org/no-such-model: offline and not in the local cache"
+    assert set(logs) == {"0", "1"} and logs["0"].startswith(says) and logs["0"].count("\n") == 1, logs
+    assert logs["1"] == "", logs
+
+
+def test_sigterm_to_one_rank_ends_the_run_with_one_line(demo, tmp_path):
+    """TP 2 on the CPU, rank 1 stopped with SIGTERM mid-run: one line says which rank, the launch
+    exits non-zero, and no worker is left behind."""
+    import signal
+    import time
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("The quick brown fox\n" * 64)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        env.pop(name, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           os.path.join(HERE, "run.py"), "--device", "cpu", "--model", str(demo), "--prompts-file", str(prompts),
+           "--max-new-tokens", "1500", "--json"]
+    launcher = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in launcher.stderr:            # rank 0 says when it is ready
+        lines.append(line)
+        if line.startswith("ready in"):
+            break
+    workers = {}
+    for pid in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                ranks = [v for v in f.read().split(b"\0") if v.startswith(b"RANK=")]
+        except (OSError, ValueError):
+            continue
+        if ppid == launcher.pid and ranks:
+            workers[int(ranks[0][5:])] = int(pid)
+    assert set(workers) == {0, 1}, (workers, "".join(lines))
+    os.kill(workers[1], signal.SIGTERM)     # in generation
+    rest = launcher.stderr.read()
+    assert launcher.wait(timeout=120) != 0
+    errors = [line.strip() for line in lines + rest.splitlines() if line.strip().startswith("error:")]
+    assert errors == ["error: rank 1 of 2 was stopped (SIGTERM); the other ranks stop with it"], rest[-3000:]
+    time.sleep(0.5)
+    assert not any(os.path.exists(f"/proc/{pid}") for pid in workers.values()), "a worker outlived the launch"
+
+
+def test_json_under_torchrun(demo):
+    """The CPU multi-rank run end to end: TP 2 under torchrun, weave on, prompts from the command line
+    and from stdin (rank 0 reads them and broadcasts them): stdout is JSON lines only, and the greedy
+    tokens are TP 1's."""
+    r = torchrun("--json", "--max-new-tokens", "12", "--weave", "on", "--model", str(demo), "--prompt", PROMPTS[0],
+                 "--prompts-file", "-", stdin=PROMPTS[1] + "\n")
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
-    assert os.path.exists(os.path.join(models.DEMO_DIR, "model.safetensors"))
     lines = sorted((json.loads(line) for line in r.stdout.splitlines()), key=lambda x: x["index"])
     assert [x["index"] for x in lines] == [0, 1]
     assert all({"index", "prompt", "text", "token_ids", "ttft_s"} <= set(x) and x["ttft_s"] > 0 for x in lines)
-    assert [x["token_ids"] for x in lines] == cli_tokens("off")
+    assert [x["token_ids"] for x in lines] == cli_tokens("off", model=demo)
 
 
 # ----------------------------------------------------------------------------- CUDA
@@ -603,8 +756,8 @@ def test_cuda_graphs_same_tokens_and_streaming(capsys):
     prompts = ["--prompt", "The quick brown fox", "--prompt", "Once upon a time there was", "--prompt", "Tensor"]
     assert tokens(*prompts, "--graphs", "on") == tokens(*prompts, "--graphs", "off")
     assert run.main(["--device", "cuda", "--max-new-tokens", "24", "--graphs", "on"]) == 0
-    out = capsys.readouterr().out
-    assert out.startswith("--- The quick brown fox\n") and "time to first token" in out
+    out, err = capsys.readouterr()
+    assert out.startswith("--- The quick brown fox\n") and "time to first token" in err
 
 
 def test_bench_decode_on_cpu(demo, capsys):

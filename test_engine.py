@@ -15,6 +15,7 @@ import llama
 import models
 import weave
 from batch import Batch, Span
+import group
 from conftest import hf_llama, run_tp
 from group import Dist
 
@@ -297,23 +298,21 @@ def test_pool_follows_lengths_not_the_longest(small_ckpt):
         assert len(done) == 41 and all(s.error is None for s in done) and max(running) == 8
 
 
-def serve_configs(d, path, prompts, eos):
-    """serve() under each of TP_CONFIGS (a job for run_tp)."""
-    return [serve(path, d, torch.float32, max_seqs, budget, prompts, eos) for max_seqs, budget in TP_CONFIGS]
+def serve_config(d, path, prompts, eos, max_seqs, budget):
+    """serve() at this rank (a job for run_tp)."""
+    return serve(path, d, torch.float32, max_seqs, budget, prompts, eos)
 
 
-TP_CONFIGS = [(3, 8), (10, 40)]     # (max_seqs, budget) at TP 2 and 4
+TP_CONFIGS = {2: (3, 8), 4: (10, 40)}     # TP size -> (max_seqs, budget)
 
 
 def test_served_tokens_equal_alone_tp_gloo(small_ckpt, alone, tmp_path):
-    """TP_CONFIGS at TP 2 and 4 over gloo (one launch per TP size): every prompt's tokens as alone."""
+    """Serving at TP 2 and 4 over gloo, the weave splitting mixed steps: every prompt's tokens as alone."""
     prompts, eos, want = alone
-    got = run_tp({world: [(serve_configs, (small_ckpt, prompts, eos))] for world in (2, 4)}, tmp_path)
-    for world in (2, 4):
-        served = got[world][0]
-        assert len(served) == len(TP_CONFIGS)
-        for config, result in zip(TP_CONFIGS, served):
-            assert {i: out for i, (out, _) in result.items()} == want, (world, config)
+    got = run_tp({world: [(serve_config, (small_ckpt, prompts, eos, *config))] for world, config in TP_CONFIGS.items()},
+                 tmp_path)
+    for world in TP_CONFIGS:
+        assert {i: out for i, (out, _) in got[world][0].items()} == want, world
 
 
 # ----------------------------------------------------------------------------- CUDA
@@ -403,3 +402,109 @@ def test_cuda_graph_decode_equals_eager_tp(small_ckpt, alone, tmp_path, world):
     jobs = [(serve_graphs_and_eager, (small_ckpt, prompts, eos, backend)) for backend in ("fused", "nccl")]
     for backend, (graphs, eager) in zip(("fused", "nccl"), run_tp({world: jobs}, tmp_path, device="cuda")[world]):
         assert graphs == eager, backend
+
+
+# ----------------------------------------------------------------------------- the API's boundary
+
+
+@pytest.fixture(scope="module")
+def demo_llm(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cache") / "demo"
+    models.make_demo(str(path))
+    with engine.LLM(str(path), dist=Dist(), max_seqs=4, max_step_tokens=64) as llm:
+        yield llm
+
+
+def test_one_string_is_one_prompt(demo_llm):
+    done = list(demo_llm.generate("The quick brown fox", max_new_tokens=3))
+    assert len(done) == 1 and done[0].index == 0 and len(done[0].out) == 3 and done[0].finish == "length"
+
+
+@pytest.mark.parametrize("call,says", [
+    (lambda llm: llm.generate(["hi"], max_new_tokens="5"), "max_new_tokens must be an integer >= 1, got '5'"),
+    (lambda llm: llm.generate(["hi"], max_new_tokens=0), "max_new_tokens must be an integer >= 1, got 0"),
+    (lambda llm: llm.generate(["hi"], max_new_tokens=True), "max_new_tokens must be an integer >= 1, got True"),
+    (lambda llm: llm.generate(["hi"], temperature="hot"), "temperature must be a number >= 0 (0 = greedy), got 'hot'"),
+    (lambda llm: llm.generate(["hi"], temperature=float("nan")), "temperature must be a number >= 0"),
+    (lambda llm: llm.generate(["hi"], top_p=0), "top_p must be a number in (0, 1]"),
+    (lambda llm: llm.generate(["hi"], seed=1.5), "seed must be an integer, got 1.5"),
+    (lambda llm: llm.generate(["hi"], chat="yes"), "chat must be True or False"),
+    (lambda llm: llm.generate(["hi"], on_token=3), "on_token must be a function or None"),
+    (lambda llm: llm.generate([1, 2, 3]), "prompt 0 is 1: a prompt is a string or a list of token ids; token ids "
+                                          "go in a list of lists, e.g. [[1, 2, 3]]"),
+    (lambda llm: llm.generate(None), "prompts must be a list of strings or of token-id lists, got a NoneType"),
+    (lambda llm: llm.generate(["ok", [1, "x"]]), "prompt 1 is [1, 'x']"),
+    (lambda llm: llm.prepare(["hi"], max_new_tokens=-1), "max_new_tokens must be an integer >= 1, got -1"),
+])
+def test_bad_arguments_fail_at_the_call(demo_llm, call, says):
+    """Checked when generate is called, not deep inside the first step, with the option's name."""
+    with pytest.raises(engine.UserError) as e:
+        call(demo_llm)
+    assert says in str(e.value)
+
+
+@pytest.mark.parametrize("kw,says", [
+    (dict(max_seqs=0), "max_seqs must be an integer >= 1, got 0"),
+    (dict(max_step_tokens="2048"), "max_step_tokens must be an integer >= 1, got '2048'"),
+    (dict(memory=2), "memory must be a fraction in (0, 1], got 2"),
+    (dict(graphs="yes"), "graphs must be auto or on or off, got 'yes'"),
+    (dict(weave=True), "weave must be auto or on or off, got True"),
+    (dict(layers=0), "layers must be an integer >= 1 or None, got 0"),
+    (dict(dtype="bf16"), "dtype must be a floating-point torch dtype, got 'bf16'"),
+    (dict(fast=1), "fast must be True or False, got 1"),
+])
+def test_bad_options_fail_before_loading(kw, says, monkeypatch):
+    monkeypatch.setattr(models, "load", lambda *a, **k: pytest.fail("loaded"))
+    with pytest.raises(engine.UserError, match=None) as e:
+        engine.LLM("llama-3.1-8b", dist=Dist(), **kw)
+    assert says in str(e.value)
+
+
+def test_closed_llm_says_so(tmp_path):
+    path = tmp_path / "demo"
+    models.make_demo(str(path))
+    llm = engine.LLM(str(path), dist=Dist(), max_seqs=2, max_step_tokens=16)
+    llm.close()
+    llm.close()                      # twice: harmless
+    with pytest.raises(engine.UserError, match="this LLM is closed; make a new engine.LLM"):
+        llm.generate(["hi"])
+
+
+def test_finish_reason_stop_and_length(small_ckpt, alone):
+    """A sequence that meets an end-of-sequence token ends with finish 'stop', one that runs to
+    max_new_tokens with 'length' (prompt 2 meets the test's EOS after three tokens)."""
+    prompts, eos, want = alone
+    with engine.LLM(small_ckpt, dist=Dist(), dtype=torch.float32, max_seqs=4, max_step_tokens=16) as llm:
+        llm.eos = set(eos)
+        done = {s.index: s for s in llm.generate(prompts[:3], MAX_NEW)}
+    assert done[2].finish == "stop" and done[2].out == want[2]
+    assert all(done[i].finish == "length" for i in (0, 1) if len(want[i]) == MAX_NEW)
+
+
+def test_preset_too_large_for_the_host_fails_at_once(monkeypatch):
+    """A full-size preset on the CPU: refused in seconds with the size it needs, before any tensor
+    is made (the OS would kill the process minutes later)."""
+    build = models.build
+    monkeypatch.setattr(models, "build", lambda *a: build(*a) if a[2].device.type == "meta" else pytest.fail("built"))
+    with pytest.raises(engine.UserError) as e:
+        engine.LLM("llama-3.3-70b", dist=Dist())
+    assert "llama-3.3-70b needs 262.8 GiB for its weights (float32) on each of 1 rank" in str(e.value)
+    assert "use more GPUs" in str(e.value)
+
+
+def one_rank_fails(d):
+    """A run_tp job: rank 1 alone fails inside agree; every rank gets the same error."""
+    def fn():
+        if d.rank == 1:
+            raise engine.UserError("its shard is unreadable")
+        return "loaded"
+    try:
+        group.agree(d, fn)
+    except engine.UserError as e:
+        return str(e)
+    return "no error"
+
+
+def test_agree_ends_every_rank_with_one_ranks_error(tmp_path):
+    got = run_tp({2: [(one_rank_fails, ())]}, tmp_path)
+    assert got[2] == ["rank 1: its shard is unreadable"]
