@@ -558,6 +558,8 @@ class LLM:
         option("fast", fast, bool, want="True or False")
         if layers is not None:
             option("layers", layers, int, lambda v: v >= 1, "an integer >= 1 or None")
+        if tuning is not None and not isinstance(tuning, Tuning):
+            option("tuning", tuning, str, want="a weave.Tuning, the path of a table bench.py tune wrote, or None")
         if dtype is not None:
             option("dtype", dtype, torch.dtype, lambda v: v.is_floating_point, "a floating-point torch dtype")
         for name, value, choices in (("graphs", graphs, ("auto", "on", "off")), ("weave", weave, ("auto", "on", "off")),

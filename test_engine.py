@@ -452,6 +452,8 @@ def test_bad_arguments_fail_at_the_call(demo_llm, call, says):
     (dict(layers=0), "layers must be an integer >= 1 or None, got 0"),
     (dict(dtype="bf16"), "dtype must be a floating-point torch dtype, got 'bf16'"),
     (dict(fast=1), "fast must be True or False, got 1"),
+    (dict(tuning=5), "tuning must be a weave.Tuning, the path of a table bench.py tune wrote, or None, got 5"),
+    (dict(model=7), "model must be a checkpoint directory, a hub id, a preset name or None, got 7"),
 ])
 def test_bad_options_fail_before_loading(kw, says, monkeypatch):
     monkeypatch.setattr(models, "load", lambda *a, **k: pytest.fail("loaded"))
