@@ -457,8 +457,8 @@ def test_bad_arguments_fail_at_the_call(demo_llm, call, says):
 ])
 def test_bad_options_fail_before_loading(kw, says, monkeypatch):
     monkeypatch.setattr(models, "load", lambda *a, **k: pytest.fail("loaded"))
-    with pytest.raises(engine.UserError, match=None) as e:
-        engine.LLM("llama-3.1-8b", dist=Dist(), **kw)
+    with pytest.raises(engine.UserError) as e:
+        engine.LLM(**{"model": "llama-3.1-8b", "dist": Dist()} | kw)
     assert says in str(e.value)
 
 
