@@ -269,6 +269,7 @@ class Runner:
             raise UserError("CUDA graphs need a CUDA device; use graphs off on the CPU")
         weaver.model.allocate_cache(rows + 1)
         self.graphs, self.pool = {}, None
+        self.steps, self.split_steps, self.last_split = 0, 0, None   # what the weave did: (tokens, half A's)
 
     @torch.no_grad()
     def capture(self, sizes):
@@ -307,6 +308,9 @@ class Runner:
             logits = self.weaver(batch)
         else:
             graph.replay()
+        self.steps += 1
+        if batch.halves:
+            self.split_steps, self.last_split = self.split_steps + 1, (batch.T, batch.halves[0].T)
         nxt = sample(logits[:B], sampling, batch.seq_ids[:B], batch.next_pos[:B], self.argmax)
         return broadcast_from_rank0(nxt, self.d)
 

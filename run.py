@@ -97,9 +97,9 @@ def parse_args(argv=None):
     p.add_argument("--memory", type=float, default=0.9, help="fraction of the GPU's memory this process may "
                    "fill in all (weights, step buffers, KV cache), in (0, 1] (default 0.9; on the CPU: of the "
                    "host's available memory). The ready line says what the KV cache got")
-    p.add_argument("--weave", choices=["auto", "on", "off"], default="auto", help="split steps in two and overlap "
-                   "comm with compute: auto = at or above the tuned token threshold (default), on = every step "
-                   "of 2+ tokens, off = never")
+    p.add_argument("--weave", choices=["auto", "on", "off"], help="split steps in two and overlap comm with "
+                   "compute: auto = at or above the tuned token threshold (the default), on = every step of 2+ "
+                   "tokens (the demo's default, so that its small steps split), off = never")
     p.add_argument("--comm", choices=comm.CHOICES, default="auto",
                    help="comm point backend: fused (one kernel: all-reduce + add + RMSNorm, Hopper, bf16), nccl "
                    "(all-reduce then add + RMSNorm), gloo (CPU reference); auto = fused where it can run, else "
@@ -129,6 +129,8 @@ def parse_args(argv=None):
     if args.comm == "none":
         raise UsageError("--comm none removes the communication, so the text is not the model's: it is a "
                          "benchmark mode (bench.py); use --comm auto")
+    if args.weave is None:
+        args.weave = "on" if args.model is None else "auto"
     if args.max_seqs is None:
         args.max_seqs = min(256, args.max_step_tokens)
     if args.max_seqs > args.max_step_tokens:
@@ -256,6 +258,20 @@ class Printer:
                       "decode_tok_s": (len(seq.out) - 1) / decode if len(seq.out) > 1 and decode > 0 else None,
                       "decode_steps": len(seq.out) - 1, "load_s": self.load_s}
 
+    def weave_line(self, d):
+        """What the weave did: how many steps it split in two, where, and what carried the comm points."""
+        r = self.llm.engine.runner
+        how = f"comm {self.llm.comm_name}, TP {d.world}"
+        if r is None or not r.split_steps:
+            why = "TP 1 and --weave auto" if d.world == 1 and self.args.weave == "auto" else \
+                "--weave off" if self.args.weave == "off" else f"every step under {self.llm.weaver.threshold} tokens"
+            print(f"weave {self.args.weave}: no step split ({why}); {how}", file=sys.stderr, flush=True)
+            return
+        T, a = r.last_split
+        ran = "beside the other half's compute" if d.device.type == "cuda" else "in turn with it (one stream on the CPU)"
+        print(f"weave {self.args.weave}: {r.split_steps} of {r.steps} steps split in two (the last: {T} tokens as "
+              f"{a} + {T - a}), each half's comm points {ran}; {how}", file=sys.stderr, flush=True)
+
     def progress(self, final=False):
         now = time.perf_counter()
         if len(self.prompts) < 2 or (not final and now - self.last_progress < 0.5):
@@ -270,6 +286,7 @@ class Printer:
         if not self.on:
             return
         self.progress(final=True)
+        self.weave_line(d)
         if not self.ttfts:
             return
         how = f"(TP {d.world}, comm {self.llm.comm_name}, weave {self.args.weave})"

@@ -770,3 +770,13 @@ def test_bench_decode_on_cpu(demo, capsys):
     assert [r["batch"] for r in doc["rows"]] == [1, 3]
     for row in doc["rows"]:
         assert row["eager"]["median"] > 0 and row["eager"]["pipelined"]["median"] > 0
+
+
+def test_demo_splits_its_steps_and_says_so(cli):
+    """The demo runs the weave (on, by default for the demo) and says what it did on stderr."""
+    rc, out, err = cli("--max-new-tokens", 4)
+    assert rc == 0
+    assert "weave on: 1 of 4 steps split in two (the last: 11 tokens as 5 + 6), each half's comm points in turn " \
+           "with it (one stream on the CPU); comm local, TP 1" in err, err
+    rc, out, err = cli("--max-new-tokens", 4, "--weave", "off")
+    assert "weave off: no step split (--weave off); comm local, TP 1" in err, err
