@@ -48,7 +48,8 @@ only the slots it filled itself, so no CTA barrier guards the data (the block re
 own), and the thread that stores an element is the one that loaded it.
 The ring is [S][L][512] slots, S = 28 / L stages of L planes of 8 KB (one 16-byte slot for each of
 up to 512 threads): 216 KB at 2 or 8 ranks, 200 KB at 4, at most 224 KB of the 227 KB a block may
-opt into (cudaFuncAttributeMaxDynamicSharedMemorySize, set once per kernel instance and device). So
+opt into (cudaFuncAttributeMaxDynamicSharedMemorySize, set once per kernel instance and device); a
+launch whose CTAs have fewer vectors than S gets only the stages they fill (a decode step). So
 the p2p kernel runs at most 512 threads, with 1, 2, 4 or 8 vectors a thread; at 2 it keeps each
 vector's sum of squares apart until the warp sums, so the block reduction's tree, and the bits, are
 those of one vector a thread. The kernel is built for each world size: no peer loop has a run-time
@@ -111,6 +112,7 @@ timed out and traps, instead of hanging the job when a peer has died.
 #include "common.cuh"
 
 #include <algorithm>
+#include <climits>
 #include <cmath>
 #include <cstdio>
 #include <mutex>
@@ -544,9 +546,9 @@ __global__ void __launch_bounds__(max_threads<T, VPT>()) fused_allreduce_add_rms
 }
 
 // ---------------------------------------------------------------------------------------------
-// Host launchers (no torch): they pick vectors per thread, so that a block stays within its
-// path's thread limit, and rows in flight, so that the loads fit in registers; and instantiate every
-// variant.
+// Host launchers (no torch): they pick vectors per thread, so that a block stays within its path's
+// thread limit, the rows at a time of the register path and the ring's shared memory of the p2p
+// path; and instantiate every variant.
 
 inline int vectors_per_thread(int nvec, bool ring) {
   if (ring) return nvec <= WIDE_THREADS ? 1 : nvec <= 2 * WIDE_THREADS ? 2 : nvec <= 4 * WIDE_THREADS ? 4 : 8;
@@ -571,15 +573,18 @@ cudaError_t launch_fused_add_rmsnorm(const Params& p, cudaStream_t stream) {
   }
 }
 
-// The kernel instance for these sizes, handed to f with its block size and dynamic shared memory
-// (the p2p ring; none on the register path): the launcher and the occupancy query share the choice.
-// MULTIMEM takes two rows at a time with one vector per thread (two loads in flight per thread, one
-// block reduction for both).
+// The kernel instance for these sizes, handed to f with its block size and dynamic shared memory:
+// the launcher and the occupancy query share the choice. MULTIMEM takes two rows at a time with one
+// vector per thread (two loads in flight per thread, one block reduction for both). The p2p ring
+// gets only the stages that the vectors of a CTA's rows_per_cta rows fill: no copy or read touches
+// a stage past those (the copies for vectors past a CTA's last are predicated off), and a decode
+// step's few rows then ask for a fraction of the shared memory.
 template <Transport T, int NP, typename F>
-void with_fused_kernel(int nvec, F&& f) {
+void with_fused_kernel(int nvec, int rows_per_cta, F&& f) {
   constexpr bool ring = T == Transport::P2P;
   const int threads = threads_per_block(nvec, ring);
-  const int smem = ring ? ring_stages<NP>() * (NP + 1) * WIDE_THREADS * 16 : 0;
+  const long long stages = std::min<long long>(ring_stages<NP>(), 1LL * rows_per_cta * vectors_per_thread(nvec, ring));
+  const int smem = ring ? static_cast<int>(stages) * (NP + 1) * WIDE_THREADS * 16 : 0;
   switch (vectors_per_thread(nvec, ring)) {
     case 1: f(fused_allreduce_add_rmsnorm_kernel<T, NP, 1, (T == Transport::MULTIMEM ? 2 : 1)>, threads, smem); break;
     case 2:
@@ -592,16 +597,16 @@ void with_fused_kernel(int nvec, F&& f) {
 
 // The p2p kernel is built for each world size: its loops over the peers have no run-time bound.
 template <typename F>
-void with_fused_kernel(const Params& p, F&& f) {
-  if (p.multicast != nullptr) return with_fused_kernel<Transport::MULTIMEM, 1>(p.nvec, f);
+void with_fused_kernel(const Params& p, int rows_per_cta, F&& f) {
+  if (p.multicast != nullptr) return with_fused_kernel<Transport::MULTIMEM, 1>(p.nvec, rows_per_cta, f);
   switch (p.n) {
-    case 2: return with_fused_kernel<Transport::P2P, 2>(p.nvec, f);
-    case 3: return with_fused_kernel<Transport::P2P, 3>(p.nvec, f);
-    case 4: return with_fused_kernel<Transport::P2P, 4>(p.nvec, f);
-    case 5: return with_fused_kernel<Transport::P2P, 5>(p.nvec, f);
-    case 6: return with_fused_kernel<Transport::P2P, 6>(p.nvec, f);
-    case 7: return with_fused_kernel<Transport::P2P, 7>(p.nvec, f);
-    default: return with_fused_kernel<Transport::P2P, MAX_PEERS>(p.nvec, f);
+    case 2: return with_fused_kernel<Transport::P2P, 2>(p.nvec, rows_per_cta, f);
+    case 3: return with_fused_kernel<Transport::P2P, 3>(p.nvec, rows_per_cta, f);
+    case 4: return with_fused_kernel<Transport::P2P, 4>(p.nvec, rows_per_cta, f);
+    case 5: return with_fused_kernel<Transport::P2P, 5>(p.nvec, rows_per_cta, f);
+    case 6: return with_fused_kernel<Transport::P2P, 6>(p.nvec, rows_per_cta, f);
+    case 7: return with_fused_kernel<Transport::P2P, 7>(p.nvec, rows_per_cta, f);
+    default: return with_fused_kernel<Transport::P2P, MAX_PEERS>(p.nvec, rows_per_cta, f);
   }
 }
 
@@ -627,7 +632,7 @@ cudaError_t launch_fused_allreduce_add_rmsnorm(const Params& p, int n_ctas, cuda
       p.rank >= p.n || p.rows < 1 || p.nvec < 1 || p.nvec * 8 > MAX_HIDDEN)
     return cudaErrorInvalidValue;
   cudaError_t e = cudaSuccess;
-  with_fused_kernel(p, [&](auto kernel, int threads, int smem) {
+  with_fused_kernel(p, (p.rows + n_ctas - 1) / n_ctas, [&](auto kernel, int threads, int smem) {
     if (smem > 0) e = opt_into_ring(reinterpret_cast<const void*>(kernel));
     if (e == cudaSuccess) kernel<<<n_ctas, threads, smem, stream>>>(p);
   });
@@ -635,14 +640,14 @@ cudaError_t launch_fused_allreduce_add_rmsnorm(const Params& p, int n_ctas, cuda
 }
 
 // CTAs of the p2p kernel for this hidden size and world size that the current GPU holds at once
-// (occupancy with the ring's shared memory, x SMs): ranks that spin on each other from one GPU must
-// all fit (comm.VirtualRanks).
+// (occupancy with the whole ring's shared memory, x SMs): ranks that spin on each other from one GPU
+// must all fit (comm.VirtualRanks).
 int resident_ctas(int nvec, int n) {
   Params p{};
   p.nvec = nvec;
   p.n = n;
   int per_sm = 0, device = 0, sms = 0;
-  with_fused_kernel(p, [&](auto kernel, int threads, int smem) {
+  with_fused_kernel(p, INT_MAX, [&](auto kernel, int threads, int smem) {  // rows enough for every stage
     if (opt_into_ring(reinterpret_cast<const void*>(kernel)) == cudaSuccess)
       cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem);
   });
