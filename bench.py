@@ -309,16 +309,13 @@ def per_call(ms: list, repeat: int) -> dict:
 
 def kernel_virtual(args, d):
     """Kernel durations from the profiler (no launch gaps): per call, the N ranks' kernels; the
-    shortest is the one whose peers were all there when it started, i.e. the protocol's cost. Beside
-    each, the GB/s each of its CTAs moved: the bytes a rank reads and writes (2 x rows x hidden x 2 B)
-    over that time, over the CTA count."""
+    shortest is the one whose peers were all there when it started, i.e. the protocol's cost."""
     N, H = args.virtual, args.hidden
     v = comm.VirtualRanks(N, H, max(args.tokens), d.device)
     ctas = [c for c in args.ctas if N * c <= v.resident_ctas()]
     local = comm.LocalComm(d, H, max(args.tokens), torch.bfloat16)
     w = torch.ones(H, dtype=torch.bfloat16, device=d.device)
-    head = ["tokens", "local add+norm us"] + [f"{c} CTAs: {what}" for c in ctas for what in
-                                              ("last to arrive us", "GB/s per CTA")] + [f"{ctas[-1]} CTAs: all N us"]
+    head = ["tokens", "local add+norm us"] + [f"{c} CTAs: last to arrive us" for c in ctas] + [f"{ctas[-1]} CTAs: all N us"]
     table, rows = [head], []
     for T in args.tokens:
         n = comm.padded(T, N)
@@ -330,19 +327,14 @@ def kernel_virtual(args, d):
         row = {"tokens": T, "local_us": local_us}
         for c in ctas:
             per_call = kernel_us(lambda: v(n, res, w, 1e-5, c), N, args.iters, "allreduce")
-            last = stats([min(k) for k in per_call])
-            row[c] = {"last": last, "all": stats([max(k) for k in per_call]),
-                      "gbps_per_cta": 2 * n * H * 2 / (last["median"] * 1e3) / c}
+            row[c] = {"last": stats([min(k) for k in per_call]), "all": stats([max(k) for k in per_call])}
         rows.append(row)
-        table.append([T, f"{local_us:.1f}"] + [x for c in ctas for x in (f"{row[c]['last']['median']:.1f}",
-                                                                          f"{row[c]['gbps_per_cta']:.0f}")] +
+        table.append([T, f"{local_us:.1f}"] + [f"{row[c]['last']['median']:.1f}" for c in ctas] +
                      [f"{row[ctas[-1]]['all']['median']:.1f}"])
-        say(d, f"  {T} tokens: local {local_us:.1f} us, " +
-            ", ".join(f"{c} CTAs {row[c]['last']['median']:.1f} us ({row[c]['gbps_per_cta']:.0f} GB/s a CTA)" for c in ctas))
+        say(d, f"  {T} tokens: local {local_us:.1f} us, " + ", ".join(f"{c} CTAs {row[c]['last']['median']:.1f} us" for c in ctas))
     return (f"fused kernel, {N} virtual ranks on one GPU (local memory, not NVLink), hidden {H}: kernel us per comm "
             f"point, median of {args.iters} calls; 'last to arrive' is the rank whose peers were all running "
-            f"({v.resident_ctas()} CTAs fit at once); GB/s per CTA = 2 x rows x hidden x 2 B / that time / CTAs"), \
-        table, rows
+            f"({v.resident_ctas()} CTAs fit at once)"), table, rows
 
 
 def gpu_kernels(fn, iters: int) -> list:
