@@ -22,6 +22,7 @@ import time
 STARTED = time.perf_counter()   # before the heavy imports: start-up counts from here
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import gc  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
@@ -330,25 +331,43 @@ def sync(d) -> float:
     return time.perf_counter()
 
 
-def stop_marker() -> str:
-    """A file the ranks of one torchrun launch on this host share: their parent's pid and the port."""
-    return os.path.join(tempfile.gettempdir(), f"tokenweave-{os.getppid()}-{os.environ.get('MASTER_PORT', 0)}.stopped")
+REPORTED = False    # this rank printed the launch's error line
+
+
+def stop_file() -> str:
+    """A file the ranks of one torchrun launch on this host share, keyed by torchrun's run id, port
+    and process: the first rank to stop claims it, with the error line it has to say, if any."""
+    key = "-".join(os.environ.get(k, "0") for k in ("TORCHELASTIC_RUN_ID", "MASTER_PORT")) + f"-{os.getppid()}"
+    return os.path.join(tempfile.gettempdir(), f"tokenweave-{key}.stopped")
+
+
+def claim_stop(line: str = "") -> bool:
+    """Whether this rank is the first of the launch to stop; if so, `line` is left for rank 0."""
+    try:
+        fd = os.open(stop_file(), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except OSError:
+        return False
+    os.write(fd, line.encode())
+    os.close(fd)
+    return True
 
 
 def on_sigterm(signum, frame):
     """A rank stopped by SIGTERM, from outside or by torchrun after another rank ended: one line for
-    the whole run, from the first rank to get it (a marker file that the run's ranks share, keyed by
-    torchrun's process), and the process ends at once, leaving nothing behind."""
+    the whole launch. The first rank to stop says so; but rank 0, stopped after another rank failed,
+    prints that rank's error line instead (only rank 0 prints errors). Then the process ends at
+    once, leaving nothing behind."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    try:
-        os.close(os.open(stop_marker(), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-        first = True
-    except OSError:
-        first = False
-    if first or world == 1:
-        who = f"rank {rank} of {world}" if world > 1 else "the run"
-        also = "; the other ranks stop with it" if world > 1 else ""
-        print(f"\nerror: {who} was stopped (SIGTERM){also}", file=sys.stderr, flush=True)
+    if not REPORTED:
+        if world == 1 or claim_stop():
+            who = f"rank {rank} of {world}" if world > 1 else "the run"
+            also = "; the other ranks stop with it" if world > 1 else ""
+            print(f"\nerror: {who} was stopped (SIGTERM){also}", file=sys.stderr, flush=True)
+        elif rank == 0:
+            with contextlib.suppress(OSError):
+                with open(stop_file()) as f:
+                    if line := f.read():
+                        print(line, file=sys.stderr, flush=True)
     os._exit(128 + signal.SIGTERM)
 
 
@@ -359,8 +378,6 @@ def main(argv=None) -> int:
     say = lambda msg: print(msg, file=sys.stderr, flush=True) if ((d.rank == 0) if d else rank0) else None  # noqa: E731
     if __name__ == "__main__":
         signal.signal(signal.SIGTERM, on_sigterm)
-        if rank0 and os.path.exists(stop_marker()):     # a stale one, from an earlier launch with these keys
-            os.remove(stop_marker())
     try:
         args = parse_args(argv)
         check_gpus(args.device)
@@ -375,7 +392,11 @@ def main(argv=None) -> int:
         say("error: stdout was closed before every result was written (broken pipe)")
         return 1
     except UserError as e:
+        global REPORTED
+        REPORTED = (d.rank == 0) if d else rank0
         say(f"error: {e}")
+        if int(os.environ.get("WORLD_SIZE", 1)) > 1:   # rank 0 said it; another rank leaves it to rank 0
+            claim_stop("" if REPORTED else f"error: {e}")
         return 2 if isinstance(e, UsageError) else 1
     except KeyboardInterrupt:
         say("\ninterrupted")
