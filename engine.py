@@ -357,11 +357,9 @@ class Engine:
         a full step's activations and the graphs), or of the host's available memory; the same on
         every rank (the smallest), since all must schedule alike."""
         per_row = self.model.cache_bytes(1)
+        spare = models.spare_bytes(self.d, self.memory)   # before measuring the activations: the allocator keeps them
         if self.d.device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(self.d.device)
-            spare = self.memory * total - (total - free) - 2 * self.activation_bytes() - 2**28
-        else:
-            spare = self.memory * models.available_host_memory()
+            spare -= 2 * self.activation_bytes() + 2**28
         rows = torch.tensor(max(int(spare // per_row) - 1, 0), device=self.d.device)   # -1: the scratch row
         if self.d.world > 1:
             dist.all_reduce(rows, op=dist.ReduceOp.MIN)
@@ -603,7 +601,7 @@ class LLM:
     def comm_name(self) -> str:
         return self.comm.name + (f"/{self.comm.transport}" if self.comm.name == "fused" else "")
 
-    def open(self):
+    def check_open(self):
         if self.engine is None:
             raise UserError("this LLM is closed; make a new engine.LLM to generate again")
 
@@ -621,7 +619,7 @@ class LLM:
     def prepare(self, prompts, max_new_tokens: int = 64, chat: bool = False):
         """Sizes the KV cache and captures the decode graphs for these prompts now, so that generate
         starts at once (generate does it too, where it has not been done)."""
-        self.open()
+        self.check_open()
         option("max_new_tokens", max_new_tokens, int, lambda v: v >= 1, "an integer >= 1")
         self.engine.prepare(self.encode(prompts, chat), max_new_tokens)
 
@@ -633,7 +631,7 @@ class LLM:
         (.t_admit, .t_first, .t_done, perf_counter seconds). prompts: a list of strings and of
         token-id lists, or one string. on_token(seq, token) sees every new token, on_step(step,
         seconds) every step. The arguments are checked here, before the first step."""
-        self.open()
+        self.check_open()
         option("max_new_tokens", max_new_tokens, int, lambda v: v >= 1, "an integer >= 1")
         option("temperature", temperature, float, lambda v: 0 <= v < float("inf"), "a number >= 0 (0 = greedy)")
         option("top_p", top_p, float, lambda v: 0 < v <= 1, "a number in (0, 1] (1 = keep all tokens)")

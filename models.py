@@ -22,22 +22,18 @@ from group import Dist, UserError
 
 FAMILIES = {"llama": llama, "qwen2": qwen, "mixtral": mixtral}   # config.json model_type -> model file
 # Full-size shapes for benchmarks (random weights): the real config.json values of each model.
+LLAMA_3_70B = dict(
+    model_type="llama", hidden_size=8192, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
+    head_dim=128, intermediate_size=28672, vocab_size=128256, rms_norm_eps=1e-5, rope_theta=500000.0,
+    rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                      original_max_position_embeddings=8192),
+    tie_word_embeddings=False, max_position_embeddings=131072, eos_token_id=[128001, 128008, 128009],
+    torch_dtype="bfloat16")
 PRESETS = {
-    "llama-3.3-70b": dict(
-        model_type="llama", hidden_size=8192, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
-        head_dim=128, intermediate_size=28672, vocab_size=128256, rms_norm_eps=1e-5, rope_theta=500000.0,
-        rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                          original_max_position_embeddings=8192),
-        tie_word_embeddings=False, max_position_embeddings=131072, eos_token_id=[128001, 128008, 128009],
-        torch_dtype="bfloat16"),
-    # Llama-3.1-8B: the one-GPU shape of the decode and serve benchmarks.
-    "llama-3.1-8b": dict(
-        model_type="llama", hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-        head_dim=128, intermediate_size=14336, vocab_size=128256, rms_norm_eps=1e-5, rope_theta=500000.0,
-        rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                          original_max_position_embeddings=8192),
-        tie_word_embeddings=False, max_position_embeddings=131072, eos_token_id=[128001, 128008, 128009],
-        torch_dtype="bfloat16"),
+    "llama-3.3-70b": LLAMA_3_70B,
+    # Llama-3.1-8B, the one-GPU shape of the decode and serve benchmarks: the 70B's config but its sizes.
+    "llama-3.1-8b": LLAMA_3_70B | dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                                       intermediate_size=14336),
     # Its generation_config.json adds EOS 151643 (<|endoftext|>) to config.json's 151645 (<|im_end|>),
     # and run.py stops at both.
     "qwen2.5-72b": dict(
