@@ -92,6 +92,17 @@ def timed(fn, iters: int, warmup: int = 3) -> list:
     return out
 
 
+def issue_ms(fn, iters: int = 1, warmup: int = 0) -> float:
+    """ms the host takes to issue one call of fn to the GPU (from an idle GPU): where it is close to
+    the GPU's time, the host bounds the step."""
+    sync()
+    t0 = time.perf_counter()
+    fn()
+    ms = (time.perf_counter() - t0) * 1e3
+    sync()
+    return ms
+
+
 def sync():
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -179,15 +190,17 @@ def cmd_model(args, d):
     if bad := [m for m in args.modes if (d.world == 1) != m.startswith("tp1")]:
         raise UserError(f"modes {', '.join(bad)} do not run at TP {d.world}; at TP 1 use tp1, tp1-flash, tp1-split, "
                         f"tp1-split-flash; under torchrun the others")
+    if args.profile and d.device.type != "cuda":
+        raise UserError("bench.py model --profile needs a CUDA GPU")
     model = build_model(args, d)
     tuning = load_tuning(args, model, d)
     max_T = max(args.tokens)
     model.allocate_cache(max_T)
     weavers = make_weavers(model, d, args.modes, max_T, tuning)
 
-    def run(m, batches):
+    def run(m, batches, fn=timed):
         with cudnn_attention(model, MODES[m][3]):
-            return timed(lambda: weavers[m](batches[m]), 1, warmup=0)
+            return fn(lambda: weavers[m](batches[m]), 1, warmup=0)
     rows = []
     for T in args.tokens:
         for n_seqs in args.seqs:
@@ -203,6 +216,10 @@ def cmd_model(args, d):
             row = {"tokens": T, "seqs": n_seqs, "split": split} | {m: stats(t) for m, t in times.items()}
             rows.append(row)
             say(d, f"  {T:>6} tokens x {n_seqs} seqs: " + ", ".join(f"{m} {row[m]['median']:.2f}" for m in args.modes))
+            if args.profile:
+                row["profile"] = {m: kernel_classes(gpu_kernels(lambda: run(m, batches), 1)) |
+                                  {"host_ms": run(m, batches, issue_ms)} for m in args.modes}
+                say(d, classes_text(row["profile"]))
     if args.trace:
         w = weavers.get("weave") or next(iter(weavers.values()))
         trace(w, w.batch(prefill_spans(max_T, 1), random_tokens(max_T, model.cfg.vocab, 0)), args.trace, d)
@@ -309,13 +326,16 @@ def per_call(ms: list, repeat: int) -> dict:
 
 def kernel_virtual(args, d):
     """Kernel durations from the profiler (no launch gaps): per call, the N ranks' kernels; the
-    shortest is the one whose peers were all there when it started, i.e. the protocol's cost."""
+    shortest is the one whose peers were all there when it started, i.e. the protocol's cost. Beside
+    each, the GB/s each of its CTAs moved: the bytes a rank reads and writes (2 x rows x hidden x 2 B)
+    over that time, over the CTA count."""
     N, H = args.virtual, args.hidden
     v = comm.VirtualRanks(N, H, max(args.tokens), d.device)
     ctas = [c for c in args.ctas if N * c <= v.resident_ctas()]
     local = comm.LocalComm(d, H, max(args.tokens), torch.bfloat16)
     w = torch.ones(H, dtype=torch.bfloat16, device=d.device)
-    head = ["tokens", "local add+norm us"] + [f"{c} CTAs: last to arrive us" for c in ctas] + [f"{ctas[-1]} CTAs: all N us"]
+    head = ["tokens", "local add+norm us"] + [f"{c} CTAs: {what}" for c in ctas for what in
+                                              ("last to arrive us", "GB/s per CTA")] + [f"{ctas[-1]} CTAs: all N us"]
     table, rows = [head], []
     for T in args.tokens:
         n = comm.padded(T, N)
@@ -327,14 +347,19 @@ def kernel_virtual(args, d):
         row = {"tokens": T, "local_us": local_us}
         for c in ctas:
             per_call = kernel_us(lambda: v(n, res, w, 1e-5, c), N, args.iters, "allreduce")
-            row[c] = {"last": stats([min(k) for k in per_call]), "all": stats([max(k) for k in per_call])}
+            last = stats([min(k) for k in per_call])
+            row[c] = {"last": last, "all": stats([max(k) for k in per_call]),
+                      "gbps_per_cta": 2 * n * H * 2 / (last["median"] * 1e3) / c}
         rows.append(row)
-        table.append([T, f"{local_us:.1f}"] + [f"{row[c]['last']['median']:.1f}" for c in ctas] +
+        table.append([T, f"{local_us:.1f}"] + [x for c in ctas for x in (f"{row[c]['last']['median']:.1f}",
+                                                                          f"{row[c]['gbps_per_cta']:.0f}")] +
                      [f"{row[ctas[-1]]['all']['median']:.1f}"])
-        say(d, f"  {T} tokens: local {local_us:.1f} us, " + ", ".join(f"{c} CTAs {row[c]['last']['median']:.1f} us" for c in ctas))
+        say(d, f"  {T} tokens: local {local_us:.1f} us, " +
+            ", ".join(f"{c} CTAs {row[c]['last']['median']:.1f} us ({row[c]['gbps_per_cta']:.0f} GB/s a CTA)" for c in ctas))
     return (f"fused kernel, {N} virtual ranks on one GPU (local memory, not NVLink), hidden {H}: kernel us per comm "
             f"point, median of {args.iters} calls; 'last to arrive' is the rank whose peers were all running "
-            f"({v.resident_ctas()} CTAs fit at once)"), table, rows
+            f"({v.resident_ctas()} CTAs fit at once); GB/s per CTA = 2 x rows x hidden x 2 B / that time / CTAs"), \
+        table, rows
 
 
 def gpu_kernels(fn, iters: int) -> list:
@@ -348,6 +373,36 @@ def gpu_kernels(fn, iters: int) -> list:
         sync()
     return sorted((e.time_range.start, e.time_range.elapsed_us(), e.name) for e in prof.events()
                   if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.elapsed_us() > 0)
+
+
+# kernel name fragment -> class, first match wins (cuDNN's attention kernels carry "sm90" too)
+KERNEL_CLASSES = [(("flash", "fmha", "sdpa", "attention", "cudnn"), "attention"),
+                  (("gemm", "xmma", "cutlass", "nvjet", "sm90"), "gemm"),
+                  (("rmsnorm",), "comm point"),
+                  (("copy", "index", "gather", "scatter", "cat", "fill", "memcpy", "memset"), "copy/index")]
+CLASSES = [c for _, c in KERNEL_CLASSES] + ["elementwise"]
+
+
+def kernel_classes(ks: list) -> dict:
+    """Where one step's GPU time goes: ms and kernel count per class, the span from the first
+    kernel's start to the last one's end, and the idle part of it (no kernel running on any stream)."""
+    out = {c: {"ms": 0.0, "kernels": 0} for c in CLASSES}
+    busy, end = 0.0, float("-inf")
+    for s, u, name in ks:              # by start
+        c = next((c for keys, c in KERNEL_CLASSES if any(k in name.lower() for k in keys)), "elementwise")
+        out[c]["ms"] += u / 1e3
+        out[c]["kernels"] += 1
+        busy += max(0.0, s + u - max(s, end))
+        end = max(end, s + u)
+    span = (end - ks[0][0]) / 1e3 if ks else 0.0
+    return out | {"span_ms": span, "idle_ms": span - busy / 1e3}
+
+
+def classes_text(profile: dict) -> str:
+    """One line per mode: ms (kernels) per class, then the span and its idle part."""
+    return "\n".join(f"    {m:>16}: " + ", ".join(f"{c} {p[c]['ms']:.2f} ({p[c]['kernels']})" for c in CLASSES) +
+                     f"; span {p['span_ms']:.2f}, idle {p['idle_ms']:.2f}, host {p['host_ms']:.2f}"
+                     for m, p in profile.items())
 
 
 def kernel_us(fn, per_call: int, iters: int, name: str) -> list:
@@ -881,6 +936,9 @@ def parse_args(argv=None):
                    "nccl,fuse-only,weave,none under torchrun, tp1,tp1-flash,tp1-split,tp1-split-flash on one GPU)")
     m.add_argument("--trace", help="write a Chrome trace of one weave step here, and a PNG timeline beside it")
     m.add_argument("--plot", help="write a PNG of latency vs tokens, one line per mode")
+    m.add_argument("--profile", action="store_true", help="also profile one step per figure and mode: GPU ms and "
+                   "kernels by class (GEMM, attention, comm point, copy/index, elementwise), span, idle time and the "
+                   "host's time to issue the step")
     t = command("tune", "sweep split offset, CTA budgets and carveout; write configs/")
     t.add_argument("--tokens", type=ints, default=[1024, 2048, 4096, 8192, 16384], help="prefill token counts")
     t.add_argument("--ctas", type=ints, default=[2, 4, 8, 16], help="CTA budgets to try (default 2,4,8,16)")

@@ -192,8 +192,9 @@ INSTRUCTION = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][\w.]*)")
 
 
 def sass_counts(so: Path) -> dict[str, dict]:
-    """Per kernel, from cuobjdump: multimem instructions, 128-bit global loads and stores, and
-    the distinct memory opcodes (to read when a count looks wrong)."""
+    """Per kernel, from cuobjdump: multimem instructions, 128-bit global loads and stores, cp.async
+    copies into shared memory (LDGSTS, the p2p ring's), and the distinct memory opcodes (to read when
+    a count looks wrong)."""
     sass = subprocess.run([_cuda_tool("cuobjdump"), "--dump-sass", str(so)], capture_output=True,
                           text=True, check=True).stdout
     with contextlib.suppress(OSError, subprocess.CalledProcessError):  # demangle, if cu++filt is
@@ -203,7 +204,7 @@ def sass_counts(so: Path) -> dict[str, dict]:
     for line in sass.splitlines():
         if m := re.search(r"Function : (.+)", line):
             kernel = m.group(1).strip()
-            counts[kernel] = {"multimem": 0, "LDG.128": 0, "STG.128": 0, "ops": set()}
+            counts[kernel] = {"multimem": 0, "LDG.128": 0, "STG.128": 0, "LDGSTS": 0, "ops": set()}
         elif kernel and (m := INSTRUCTION.search(line)):
             c, op = counts[kernel], m.group(1).split(".")
             # multimem lowers to multicast ("MC") forms of the global memory instructions
@@ -211,7 +212,8 @@ def sass_counts(so: Path) -> dict[str, dict]:
             c["multimem"] += multimem
             c["LDG.128"] += op[0] == "LDG" and "128" in op
             c["STG.128"] += op[0] == "STG" and "128" in op
-            if multimem or op[0] in ("LD", "LDG", "ST", "STG", "RED", "REDG", "ATOM", "ATOMG"):
+            c["LDGSTS"] += op[0] == "LDGSTS"
+            if multimem or op[0] in ("LD", "LDG", "ST", "STG", "RED", "REDG", "ATOM", "ATOMG", "LDGSTS"):
                 c["ops"].add(m.group(1))
     return counts
 
@@ -221,8 +223,9 @@ def main() -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--verbose", action="store_true", help="show the compiler commands and output")
     ap.add_argument("--sass", action="store_true",
-                    help="after building, print per kernel the number of multimem instructions and "
-                         "of 128-bit global loads/stores in its SASS (cuobjdump --dump-sass)")
+                    help="after building, print per kernel the number of multimem instructions, of "
+                         "128-bit global loads/stores and of cp.async copies (LDGSTS) in its SASS "
+                         "(cuobjdump --dump-sass)")
     args = ap.parse_args()
     for which in SOURCES:
         t0 = time.perf_counter()
@@ -233,10 +236,10 @@ def main() -> int:
             return 1
         print(f"{module_name(which)} ready in {time.perf_counter() - t0:.1f} s: {module.so}")
         if args.sass:
-            print("multimem LDG.128 STG.128  kernel / memory opcodes")
+            print("multimem LDG.128 STG.128 LDGSTS  kernel / memory opcodes")
             for kernel, c in sass_counts(Path(module.so)).items():
-                print(f"{c['multimem']:8d} {c['LDG.128']:7d} {c['STG.128']:7d}  {kernel}\n"
-                      f"{'':26}{' '.join(sorted(c['ops']))}")
+                print(f"{c['multimem']:8d} {c['LDG.128']:7d} {c['STG.128']:7d} {c['LDGSTS']:6d}  {kernel}\n"
+                      f"{'':33}{' '.join(sorted(c['ops']))}")
     return 0
 
 

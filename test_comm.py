@@ -233,6 +233,39 @@ def test_virtual_ranks_equal_reference(N, H):
     assert ran >= len(cases) - 5, f"only {ran} cases fit ({v.resident_ctas()} CTAs resident)"
 
 
+@pytest.mark.parametrize("N,H", [(3, 8192), (5, 4096), (6, 6144), (7, 8192), (2, 4104), (8, 4104),
+                                 (4, 12288), (2, 28672), (8, 28672)])
+def test_virtual_ranks_other_shapes(N, H):
+    """World sizes beside 2, 4 and 8 (the p2p kernel is built for each), and the p2p ring's other
+    launch shapes: idle lanes in the last warp (4104: 513 vectors, 2 a thread), 4 and 8 vectors a
+    thread (12288, 28672); row counts that are not multiples of the CTA count."""
+    v = comm.VirtualRanks(N, H, 1031, "cuda")
+    for i, (T, ctas) in enumerate([(1, 1), (7, 3), (333, 12), (1031, 5)]):
+        assert fits(v, ctas), f"{N} x {ctas} CTAs do not fit ({v.resident_ctas()} resident)"
+        virtual_call(v, T, ctas, seed=100 + i, what=f"N={N} H={H} T={T} ctas={ctas}")
+
+
+@pytest.mark.parametrize("H", [4096, 4104, 8192, 12288, 28672])
+def test_virtual_ranks_bits_of_the_local_kernel(H):
+    """With every partial but rank 0's zero, the p2p sum is rank 0's partial exactly, so the p2p
+    kernel's x and residual must be the local kernel's, bit for bit: the same add, the same
+    normalization, and the same block reduction tree although the p2p kernel's launch shape differs
+    (at most 512 threads; multimem_ops.cu's header)."""
+    N = 4
+    v = comm.VirtualRanks(N, H, 1000, "cuda")
+    partial, residual, weight = virtual_inputs(v, 1000, seed=H)
+    Tp = partial.shape[1]
+    v.bufs[1:, :Tp] = 0
+    mine = [m.clone() for m in residual.chunk(N)]
+    v(Tp, mine, weight, EPS, 4)
+    x, r = partial[0].clone(), residual.clone()
+    v.ext.fused_add_rmsnorm(x, r, weight, EPS)
+    assert torch.equal(torch.cat(mine), r), f"H={H}: residual differs from the local kernel's"
+    for rank in range(N):
+        assert torch.equal(v.bufs[rank, :Tp].view(torch.int16), x.view(torch.int16)), \
+            f"H={H}: rank {rank}'s x differs from the local kernel's"
+
+
 @pytest.mark.parametrize("N", [2, 4, 8])
 def test_virtual_ranks_soak(N):
     """Thousands of back-to-back calls of varying shapes and CTA counts, no host sync between them;
