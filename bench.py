@@ -51,7 +51,8 @@ MODES = {"nccl": ("nccl", "off", True, True),           # baseline: NCCL all-red
          "tp1": ("auto", "off", True, True),            # one GPU: the model alone
          "tp1-flash": ("auto", "off", True, False),     # ... every attention through FlashAttention's varlen kernel
          "tp1-split": ("auto", "on", True, True),       # ... split in two as the weave does (the second half's
-         "tp1-split-flash": ("auto", "on", True, False)}  # attention after a prefix), and with FlashAttention only
+         "tp1-split-flash": ("auto", "on", True, False),  # attention after a prefix), with FlashAttention only,
+         "tp1-split-nocarve": ("auto", "on", False, True)}  # and with the GEMMs on every SM
 NVLINK_GBPS = 450   # H100/H200 NVLink 4, per direction
 
 
@@ -189,7 +190,7 @@ def cmd_model(args, d):
     """Prefill latency by mode: one step of T tokens as --seqs sequences."""
     if bad := [m for m in args.modes if (d.world == 1) != m.startswith("tp1")]:
         raise UserError(f"modes {', '.join(bad)} do not run at TP {d.world}; at TP 1 use tp1, tp1-flash, tp1-split, "
-                        f"tp1-split-flash; under torchrun the others")
+                        f"tp1-split-flash, tp1-split-nocarve; under torchrun the others")
     if args.profile and d.device.type != "cuda":
         raise UserError("bench.py model --profile needs a CUDA GPU")
     model = build_model(args, d)

@@ -9,7 +9,7 @@ stays the plain reference model, and the tokens are the same either way (test_fa
                       write in its epilogue)
     cublaslt          cuBLASLt (addmm with a zero bias)    cuBLAS's split-K + reduce    row-parallel GEMMs of 32-96 tokens
     decode_attention  decode_ops.cu's decode attention     FlashAttention               head dim 128, <= 8 query heads a KV head
-    cudnn             cuDNN attention                      FlashAttention               one span of >= 4096 tokens in a step
+    cudnn             cuDNN attention                      FlashAttention               one span of >= 2048 tokens in a step
     elementwise       one kernel for RoPE + cache write,   torch's several              any step
                       one for SwiGLU's activation
     argmax            decode_ops.cu's argmax               torch's argmax               greedy sampling
@@ -30,7 +30,9 @@ from batch import Batch
 
 PATHS = ("gemv", "cublaslt", "decode_attention", "cudnn", "elementwise", "argmax")
 LT_TOKENS = range(32, 97)     # cublaslt: where cuBLAS picks a split-K pass plus a reduce for o_proj and down
-CUDNN_MIN_TOKENS = 4096       # cudnn: it plans per new shape (ms) and costs more host time: long prompts only
+# cudnn: a span of 2048 tokens alone ran 6% faster through cuDNN than FlashAttention (8B shape, H100), and a
+# weave half of 2048 needs it to match its whole step's attention; cuDNN plans per new shape (ms), so not below
+CUDNN_MIN_TOKENS = 2048
 
 
 def enable(model, paths=PATHS) -> bool:
@@ -140,24 +142,27 @@ class Attention(llama.Attention):
                                   part_lse, batch.max_k, self.hd ** -0.5)
 
     def attend_cudnn(self, q, span):
-        """One long span: plain causal attention if it starts a sequence; after a prefix, two cuDNN
-        calls (the prefix, then the span causally) merged by their log-sum-exp."""
+        """One long span. From a sequence's start, causal attention in one call. After a prefix, two
+        calls: cuDNN's causal mask is aligned to the queries' start, not their end, so the chunk
+        attends to its own keys causally and to the prefix's keys whole, and the two are merged by
+        their log-sum-exp. Both read the cache's KV heads in place (GQA), and q in its layout."""
         rows = slice(span.row, span.row + span.start + span.n)
         k, v = (c[rows].transpose(0, 1)[None] for c in (self.k_cache, self.v_cache))   # (1, nkv, start + n, hd)
         q = q.transpose(0, 1)[None]                                           # (1, nh, n, hd)
         if span.start == 0:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
-            k, v = (t.repeat_interleave(self.nh // self.nkv, dim=1) for t in (k, v))   # (1, nh, start + n, hd)
             o1, lse1 = cudnn_attention(q, k[:, :, :span.start], v[:, :, :span.start], causal=False)
             o2, lse2 = cudnn_attention(q, k[:, :, span.start:], v[:, :, span.start:], causal=True)
-            o = torch.lerp(o2.float(), o1.float(), torch.sigmoid(lse1 - lse2)).to(q.dtype)
+            # (e^lse1 o1 + e^lse2 o2) / (e^lse1 + e^lse2) in one kernel, the prefix's weight in bf16
+            o = torch.lerp(o2, o1, torch.sigmoid(lse1 - lse2).to(o2.dtype))
         return o[0].transpose(0, 1)                                           # (n, nh, hd)
 
 
 def cudnn_attention(q, k, v, causal: bool):
-    """Attention output (1, nh, n, hd) and its log-sum-exp (1, nh, n, 1), from cuDNN."""
-    out = torch.ops.aten._scaled_dot_product_cudnn_attention(q.contiguous(), k, v, None, True, 0.0, causal, False)
+    """Attention output (1, nh, n, hd) and its log-sum-exp (1, nh, n, 1), from cuDNN; k and v may
+    have fewer heads than q (GQA)."""
+    out = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False)
     return out[0], out[1].reshape(out[0].shape[:-1]).unsqueeze(-1).float()
 
 

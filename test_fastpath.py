@@ -119,6 +119,38 @@ def test_decode_attention(nh, nkv):
                              8, 1.0)
 
 
+# A prompt from its start; a chunk after a prefix (the weave's second half), odd lengths; GQA groups
+# of 4 and 1.
+@needs_kernels
+@pytest.mark.parametrize("start,n,nh,nkv", [(0, 2111, 8, 2), (3001, 2111, 8, 2), (517, 129, 4, 4), (64, 1000, 32, 8)])
+def test_cudnn_attention(start, n, nh, nkv):
+    """The cudnn path against the reference in fp32. From a sequence's start it is one call, within
+    twice the plain FlashAttention path's error. After a prefix it merges two calls: the merge is
+    the exact one of those calls' outputs within the rounding of the prefix's weight and of the
+    result to bf16, and the whole within three times FlashAttention's error (three bf16 roundings
+    where FlashAttention has one)."""
+    g = torch.Generator("cuda").manual_seed(n)
+    cache = [torch.randn(start + n + 50, nkv, 128, generator=g, device="cuda", dtype=BF16) for _ in "kv"]
+    q = torch.randn(n, nh, 128, generator=g, device="cuda", dtype=BF16)
+    span, row = Span(50, start, n), 50
+    attn = type("A", (), {"k_cache": cache[0], "v_cache": cache[1]})()
+    fast = fastpath.Attention.attend_cudnn(attn, q, span)
+    i32 = lambda *x: torch.tensor(x, dtype=torch.int32, device="cuda")   # noqa: E731
+    flash = llama.Attention.flash(attn, q, i32(0, n), i32(row, 0), i32(start + n), n, start + n)
+    ref = llama.attend_reference(q.float(), *(c.float() for c in cache), type("B", (), {"spans": [span]})())
+    err = lambda x: ((x.float() - ref).norm() / ref.norm()).item()   # noqa: E731
+    assert fast.shape == q.shape and err(fast) <= (3 if start else 2) * err(flash) + 1e-4, (err(fast), err(flash))
+    if start:
+        k, v = (c[row:row + start + n].transpose(0, 1)[None] for c in cache)        # (1, nkv, start + n, hd)
+        q4 = q.transpose(0, 1)[None]                                                 # (1, nh, n, hd)
+        o1, lse1 = fastpath.cudnn_attention(q4, k[:, :, :start], v[:, :, :start], causal=False)
+        o2, lse2 = fastpath.cudnn_attention(q4, k[:, :, start:], v[:, :, start:], causal=True)
+        o1, o2 = o1.double(), o2.double()
+        exact = (o2 + torch.sigmoid(lse1 - lse2).double() * (o1 - o2))[0].transpose(0, 1)   # (n, nh, hd)
+        bound = 2 ** -8 * ((o1 - o2).abs()[0].transpose(0, 1) + exact.abs()) + 1e-6
+        assert ((fast.double() - exact).abs() <= bound).all()
+
+
 @needs_kernels
 @pytest.mark.parametrize("T,I", [(1, 14336), (7, 3584), (128, 1792), (1000, 8)])
 def test_silu_mul(T, I):
