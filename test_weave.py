@@ -236,6 +236,23 @@ def test_plan_budgets_and_carveout():
     assert all(s.carveout == 0 for st in weave.plan(kinds, 2, t, 4096) for s in st)
 
 
+def test_carve_calls_torch_only_on_a_change(monkeypatch):
+    """Streams.carve sets torch's carveout and BLAS choice when the budget changes, not per stage,
+    and 0 puts back what torch had before (the setters cost host time; a step with one budget sets
+    and unsets once)."""
+    calls, state = [], {"carve": None, "blas": "default"}
+    monkeypatch.setattr(torch._C, "_get_sm_carveout_experimental", lambda: state["carve"])
+    monkeypatch.setattr(torch._C, "_set_sm_carveout_experimental", lambda v: calls.append(("carve", v)))
+    monkeypatch.setattr(torch.backends.cuda, "preferred_blas_library",
+                        lambda v=None: state["blas"] if v is None else calls.append(("blas", v)))
+    s = weave.Streams(torch.device("cpu"))
+    s.cuda = True
+    for sms in (0, 4, 4, 4, 8, 8, 0, 0):
+        s.carve(sms)
+    assert calls == [("carve", 4), ("blas", "cublaslt"), ("carve", 8), ("blas", "cublaslt"),
+                     ("carve", None), ("blas", "default")]
+
+
 def test_tuning_files(tmp_path):
     path = tmp_path / "t.json"
     path.write_text(json.dumps({"threshold": 2048, "table": {"4096": {"offset": 128, "attn_ctas": 2}}}))

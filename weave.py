@@ -10,7 +10,6 @@ stream while the other half computes:
 
     compute(A,k) | comm(A,k) beside compute(B,k) | comm(B,k) beside compute(A,k+1) | ...
 """
-import contextlib
 import dataclasses
 import functools
 import json
@@ -162,6 +161,7 @@ class Streams:
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
         self.side = torch.cuda.Stream(device, priority=-1) if self.cuda else None
+        self.carved, self.saved = 0, None     # SMs the GEMMs leave free now; torch's settings before
 
     def comm(self, fn):
         """Run fn on the side stream after all compute issued so far; returns its done-event."""
@@ -181,29 +181,24 @@ class Streams:
         if self.cuda:
             torch.cuda.current_stream().wait_stream(self.side)
 
-    @contextlib.contextmanager
-    def carveout(self, sms: int):
-        """GEMMs launched inside run on all SMs but `sms`. cuBLAS's Hopper GEMMs are persistent: one
-        CTA per SM, each walking a fixed list of tiles. Launched beside a comm kernel that holds some
-        SMs, the CTAs that find no SM wait for the comm to finish, and their tiles finish last: the
-        trace showed overlapped GEMMs 1.2-1.8x slower. Sized to the comm's CTAs, they all run at once.
-        torch applies the carveout to cuBLASLt's GEMMs (and grouped GEMMs) only, so cuBLASLt is
-        chosen here and only here: elsewhere cuBLAS is as fast with less host time per call."""
-        if not self.cuda or not sms:
-            yield
+    def carve(self, sms: int):
+        """GEMMs launched from here on run on all SMs but `sms` (0: all, torch's own settings again).
+        cuBLAS's Hopper GEMMs are persistent: one CTA per SM, each walking a fixed list of tiles.
+        Launched beside a comm kernel that holds some SMs, the CTAs that find no SM wait for the comm
+        to finish, and their tiles finish last: the trace showed overlapped GEMMs 1.2-1.8x slower.
+        Sized to the comm's CTAs, they all run at once. torch applies the carveout to cuBLASLt's GEMMs
+        (and grouped GEMMs) only, so cuBLASLt is chosen here and only here: elsewhere cuBLAS is as
+        fast with less host time per call. Only a change calls torch's setters (each warns, and costs
+        tens of µs of host time), so a step with one budget sets it once and unsets it once."""
+        if not self.cuda or sms == self.carved:
             return
-        carve, blas = torch._C._get_sm_carveout_experimental(), torch.backends.cuda.preferred_blas_library()
         with warnings.catch_warnings():   # both setters warn that they are experimental
             warnings.simplefilter("ignore")
-            torch._C._set_sm_carveout_experimental(sms)
-            torch.backends.cuda.preferred_blas_library("cublaslt")
-        try:
-            yield
-        finally:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                torch._C._set_sm_carveout_experimental(carve)
-                torch.backends.cuda.preferred_blas_library(blas)
+            if not self.carved:
+                self.saved = torch._C._get_sm_carveout_experimental(), torch.backends.cuda.preferred_blas_library()
+            torch._C._set_sm_carveout_experimental(sms or self.saved[0])
+            torch.backends.cuda.preferred_blas_library("cublaslt" if sms else self.saved[1])
+        self.carved = sms
 
 
 # ----------------------------------------------------------------------------- the weaver
@@ -251,16 +246,20 @@ class Weaver:
             buf[half.T:].zero_()          # padding rows stay zero through every stage: inert
         residuals = [self.comm.new_residual(m) for m in n]
         done = [None] * len(halves)
-        for k, (_, stage, norm) in enumerate(self.stages):
-            for i, half in enumerate(halves):
-                self.streams.wait(done[i])                    # this half's x is ready
-                with self.streams.carveout(plans[k][i].carveout):
+        try:
+            for k, (_, stage, norm) in enumerate(self.stages):
+                for i, half in enumerate(halves):
+                    self.streams.wait(done[i])                # this half's x is ready
+                    self.streams.carve(plans[k][i].carveout)
                     stage(bufs[i][:half.T], half)             # x -> this rank's partial, in place
-                point = functools.partial(self.comm, i, n[i], residuals[i], norm.weight, norm.eps, plans[k][i].ctas)
-                if len(halves) == 1:
-                    point()                                   # nothing to overlap: stay on this stream
-                else:
-                    done[i] = self.streams.comm(point)
+                    point = functools.partial(self.comm, i, n[i], residuals[i], norm.weight, norm.eps,
+                                              plans[k][i].ctas)
+                    if len(halves) == 1:
+                        point()                               # nothing to overlap: stay on this stream
+                    else:
+                        done[i] = self.streams.comm(point)
+        finally:
+            self.streams.carve(0)
         if len(halves) == 2:
             self.streams.join()
         # (B, H) final-normed. last_rows rise, so T of them are all the rows (a decode step): a view
