@@ -93,9 +93,9 @@ def timed(fn, iters: int, warmup: int = 3) -> list:
     return out
 
 
-def issue_ms(fn, iters: int = 1, warmup: int = 0) -> float:
-    """ms the host takes to issue one call of fn to the GPU (from an idle GPU): where it is close to
-    the GPU's time, the host bounds the step."""
+def issue_ms(fn) -> float:
+    """ms the host takes to issue one call of fn to the GPU (from an idle GPU; a full launch queue
+    would block it too): where it is close to the GPU's time, the host bounds the step."""
     sync()
     t0 = time.perf_counter()
     fn()
@@ -199,9 +199,9 @@ def cmd_model(args, d):
     model.allocate_cache(max_T)
     weavers = make_weavers(model, d, args.modes, max_T, tuning)
 
-    def run(m, batches, fn=timed):
+    def run(m, batches, fn=lambda step: timed(step, 1, warmup=0)):
         with cudnn_attention(model, MODES[m][3]):
-            return fn(lambda: weavers[m](batches[m]), 1, warmup=0)
+            return fn(lambda: weavers[m](batches[m]))
     rows = []
     for T in args.tokens:
         for n_seqs in args.seqs:
@@ -328,8 +328,9 @@ def per_call(ms: list, repeat: int) -> dict:
 def kernel_virtual(args, d):
     """Kernel durations from the profiler (no launch gaps): per call, the N ranks' kernels; the
     shortest is the one whose peers were all there when it started, i.e. the protocol's cost. Beside
-    each, the GB/s each of its CTAs moved: the bytes a rank reads and writes (2 x rows x hidden x 2 B)
-    over that time, over the CTA count."""
+    each, the GB/s each of its CTAs moved: the bytes a rank reads and writes over that time, over the
+    CTA count. A rank owns rows/N rows and, per row, reads the N partials and its residual and writes
+    the N normalized copies and its residual: 2 x (N + 1)/N x rows x hidden x 2 B."""
     N, H = args.virtual, args.hidden
     v = comm.VirtualRanks(N, H, max(args.tokens), d.device)
     ctas = [c for c in args.ctas if N * c <= v.resident_ctas()]
@@ -350,7 +351,7 @@ def kernel_virtual(args, d):
             per_call = kernel_us(lambda: v(n, res, w, 1e-5, c), N, args.iters, "allreduce")
             last = stats([min(k) for k in per_call])
             row[c] = {"last": last, "all": stats([max(k) for k in per_call]),
-                      "gbps_per_cta": 2 * n * H * 2 / (last["median"] * 1e3) / c}
+                      "gbps_per_cta": 2 * (N + 1) / N * n * H * 2 / (last["median"] * 1e3) / c}
         rows.append(row)
         table.append([T, f"{local_us:.1f}"] + [x for c in ctas for x in (f"{row[c]['last']['median']:.1f}",
                                                                           f"{row[c]['gbps_per_cta']:.0f}")] +
@@ -359,7 +360,8 @@ def kernel_virtual(args, d):
             ", ".join(f"{c} CTAs {row[c]['last']['median']:.1f} us ({row[c]['gbps_per_cta']:.0f} GB/s a CTA)" for c in ctas))
     return (f"fused kernel, {N} virtual ranks on one GPU (local memory, not NVLink), hidden {H}: kernel us per comm "
             f"point, median of {args.iters} calls; 'last to arrive' is the rank whose peers were all running "
-            f"({v.resident_ctas()} CTAs fit at once); GB/s per CTA = 2 x rows x hidden x 2 B / that time / CTAs"), \
+            f"({v.resident_ctas()} CTAs fit at once); GB/s per CTA = 2 x (N + 1)/N x rows x hidden x 2 B / that "
+            f"time / CTAs"), \
         table, rows
 
 
@@ -377,10 +379,10 @@ def gpu_kernels(fn, iters: int) -> list:
 
 
 # kernel name fragment -> class, first match wins (cuDNN's attention kernels carry "sm90" too)
-KERNEL_CLASSES = [(("flash", "fmha", "sdpa", "attention", "cudnn"), "attention"),
-                  (("gemm", "xmma", "cutlass", "nvjet", "sm90"), "gemm"),
-                  (("rmsnorm",), "comm point"),
-                  (("copy", "index", "gather", "scatter", "cat", "fill", "memcpy", "memset"), "copy/index")]
+KERNEL_CLASSES = [(("flash", "fmha", "sdpa", "attention", "cudnn", "decode_combine"), "attention"),
+                  (("gemm", "gemv", "xmma", "cutlass", "nvjet", "sm90", "splitk"), "gemm"),
+                  (("rmsnorm", "nccl", "allreduce"), "comm point"),
+                  (("copy", "index", "gather", "scatter", "catarray", "fill", "memcpy", "memset"), "copy/index")]
 CLASSES = [c for _, c in KERNEL_CLASSES] + ["elementwise"]
 
 
@@ -400,7 +402,7 @@ def kernel_classes(ks: list) -> dict:
 
 
 def classes_text(profile: dict) -> str:
-    """One line per mode: ms (kernels) per class, then the span and its idle part."""
+    """One line per mode: ms (kernels) per class, then the span, its idle part and the host's time."""
     return "\n".join(f"    {m:>16}: " + ", ".join(f"{c} {p[c]['ms']:.2f} ({p[c]['kernels']})" for c in CLASSES) +
                      f"; span {p['span_ms']:.2f}, idle {p['idle_ms']:.2f}, host {p['host_ms']:.2f}"
                      for m, p in profile.items())

@@ -30,8 +30,8 @@ from batch import Batch
 
 PATHS = ("gemv", "cublaslt", "decode_attention", "cudnn", "elementwise", "argmax")
 LT_TOKENS = range(32, 97)     # cublaslt: where cuBLAS picks a split-K pass plus a reduce for o_proj and down
-# cudnn: a span of 2048 tokens alone ran 6% faster through cuDNN than FlashAttention (8B shape, H100), and a
-# weave half of 2048 needs it to match its whole step's attention; cuDNN plans per new shape (ms), so not below
+# cudnn: a whole step of one 2048-token span ran 6% faster with cuDNN's attention than FlashAttention's (8B
+# shape, H100), and a weave half of 2048 needs it to match its whole step; cuDNN plans per new shape (ms)
 CUDNN_MIN_TOKENS = 2048
 
 
@@ -154,8 +154,10 @@ class Attention(llama.Attention):
         else:
             o1, lse1 = cudnn_attention(q, k[:, :, :span.start], v[:, :, :span.start], causal=False)
             o2, lse2 = cudnn_attention(q, k[:, :, span.start:], v[:, :, span.start:], causal=True)
-            # (e^lse1 o1 + e^lse2 o2) / (e^lse1 + e^lse2) in one kernel, the prefix's weight in bf16
-            o = torch.lerp(o2, o1, torch.sigmoid(lse1 - lse2).to(o2.dtype))
+            # (e^lse1 o1 + e^lse2 o2) / (e^lse1 + e^lse2) in one kernel, with the weight in bf16: from the
+            # part with more keys by the other's weight, the smaller for most rows, whose rounding costs least
+            (a, lse_a), (b, lse_b) = ((o1, lse1), (o2, lse2)) if span.start >= span.n else ((o2, lse2), (o1, lse1))
+            o = torch.lerp(a, b, torch.sigmoid(lse_b - lse_a).to(a.dtype))
         return o[0].transpose(0, 1)                                           # (n, nh, hd)
 
 

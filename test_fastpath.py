@@ -119,19 +119,20 @@ def test_decode_attention(nh, nkv):
                              8, 1.0)
 
 
-# A prompt from its start; a chunk after a prefix (the weave's second half), odd lengths; GQA groups
-# of 4 and 1.
+# A prompt from its start; a chunk after a prefix (the weave's second half), odd lengths, a prefix
+# four times the chunk and one a twentieth of it; GQA groups of 4 and 1.
 @needs_kernels
-@pytest.mark.parametrize("start,n,nh,nkv", [(0, 2111, 8, 2), (3001, 2111, 8, 2), (517, 129, 4, 4), (64, 1000, 32, 8)])
+@pytest.mark.parametrize("start,n,nh,nkv", [(0, 2111, 8, 2), (3001, 2111, 8, 2), (517, 129, 4, 4), (64, 1000, 32, 8),
+                                            (8192, 2048, 8, 2), (100, 2000, 8, 2)])
 def test_cudnn_attention(start, n, nh, nkv):
-    """The cudnn path against the reference in fp32. From a sequence's start it is one call, within
-    twice the plain FlashAttention path's error. After a prefix it merges two calls: the merge is
-    the exact one of those calls' outputs within the rounding of the prefix's weight and of the
-    result to bf16, and the whole within three times FlashAttention's error (three bf16 roundings
-    where FlashAttention has one)."""
+    """The cudnn path against the reference in fp32, within twice the plain FlashAttention path's
+    error, q a view into the qkv projection's output as the model passes it. After a prefix it
+    merges two calls: the merge is the exact one of those calls' outputs within the rounding of a
+    weight and of the result to bf16."""
     g = torch.Generator("cuda").manual_seed(n)
     cache = [torch.randn(start + n + 50, nkv, 128, generator=g, device="cuda", dtype=BF16) for _ in "kv"]
-    q = torch.randn(n, nh, 128, generator=g, device="cuda", dtype=BF16)
+    qkv = torch.randn(n, (nh + 2 * nkv) * 128, generator=g, device="cuda", dtype=BF16)
+    q = qkv[:, :nh * 128].view(n, nh, 128)                                        # (n, nh, hd), rows strided
     span, row = Span(50, start, n), 50
     attn = type("A", (), {"k_cache": cache[0], "v_cache": cache[1]})()
     fast = fastpath.Attention.attend_cudnn(attn, q, span)
@@ -139,7 +140,7 @@ def test_cudnn_attention(start, n, nh, nkv):
     flash = llama.Attention.flash(attn, q, i32(0, n), i32(row, 0), i32(start + n), n, start + n)
     ref = llama.attend_reference(q.float(), *(c.float() for c in cache), type("B", (), {"spans": [span]})())
     err = lambda x: ((x.float() - ref).norm() / ref.norm()).item()   # noqa: E731
-    assert fast.shape == q.shape and err(fast) <= (3 if start else 2) * err(flash) + 1e-4, (err(fast), err(flash))
+    assert fast.shape == q.shape and err(fast) <= 2 * err(flash) + 1e-4, (err(fast), err(flash))
     if start:
         k, v = (c[row:row + start + n].transpose(0, 1)[None] for c in cache)        # (1, nkv, start + n, hd)
         q4 = q.transpose(0, 1)[None]                                                 # (1, nh, n, hd)

@@ -189,16 +189,18 @@ class Streams:
         Sized to the comm's CTAs, they all run at once. torch applies the carveout to cuBLASLt's GEMMs
         (and grouped GEMMs) only, so cuBLASLt is chosen here and only here: elsewhere cuBLAS is as
         fast with less host time per call. Only a change calls torch's setters (each warns, and costs
-        tens of µs of host time), so a step with one budget sets it once and unsets it once."""
+        tens of µs of host time): a step whose attention and MLP budgets are equal sets the carveout
+        once and unsets it once; unequal, it changes at every stage."""
         if not self.cuda or sms == self.carved:
             return
+        was, self.carved = self.carved, sms   # first: a setter that raises leaves carve(0) to undo it
         with warnings.catch_warnings():   # both setters warn that they are experimental
             warnings.simplefilter("ignore")
-            if not self.carved:
+            if not was:
                 self.saved = torch._C._get_sm_carveout_experimental(), torch.backends.cuda.preferred_blas_library()
             torch._C._set_sm_carveout_experimental(sms or self.saved[0])
-            torch.backends.cuda.preferred_blas_library("cublaslt" if sms else self.saved[1])
-        self.carved = sms
+            if not was or not sms:
+                torch.backends.cuda.preferred_blas_library("cublaslt" if sms else self.saved[1])
 
 
 # ----------------------------------------------------------------------------- the weaver
