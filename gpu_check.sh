@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # One device call: environment, extension build + SASS check, GPU tests, benchmarks. Logs go to
 # $OUT (or ./results). Usage: bash gpu_check.sh [env] [build] [test] [test1] [kernel] [virtual] [model]
-#        [model1] [tune] [decode] [attention] [gemm] [serve] [e2e] ...
+#        [model1] [split] [ceiling] [tune] [decode] [attention] [gemm] [serve] [e2e] ...
 #   test: every GPU test (multi-GPU ones need 2+ GPUs); test1: the tests one GPU can run (the
 #   kernel's virtual ranks among them, alone on the GPU: -n 0). model/tune take MODEL, LAYERS,
 #   TOKENS, SEQS (and model MODES) from the environment; model1 is the prefill on one GPU (the
-#   attention paths); decode (with a per-kernel profile), attention (the decode attention kernel
-#   alone), gemm (a decode step's GEMMs alone) and serve take MODEL (default llama-3.1-8b there), and serve
+#   attention paths); split the split step against the whole one on one GPU, every shape, with its
+#   profile (TOKENS, ITERS); ceiling what one SM can copy (the comm kernel's bound on one GPU);
+#   decode (with a per-kernel profile), attention (the decode attention kernel alone), gemm (a
+#   decode step's GEMMs alone) and serve take MODEL (default llama-3.1-8b there), and serve
 #   WORKLOADS, BUDGETS, ITERS; e2e writes an 8B-shaped checkpoint and times run.py on it.
 set -uo pipefail
 OUT=${OUT:-results}; mkdir -p "$OUT"
@@ -33,6 +35,13 @@ for step in "$@"; do
               --trace "$OUT/trace.json" --out "$OUT/model-tp$NPROC.json" 2>&1 | quiet | tee "$OUT/model.log" ;;
     model1) run python3 bench.py model --model "${MODEL:-llama-3.1-8b}" --tokens "${TOKENS1:-2048,4096,16384}" \
               --iters "${ITERS:-5}" --out "$OUT/model-tp1.json" 2>&1 | tee "$OUT/model1.log" ;;
+    split)  # the split's own cost on one GPU (issue 40): every shape, one and four sequences, with its profile
+            for m in llama-3.1-8b llama-3.3-70b qwen2.5-72b mixtral-8x22b; do
+              layers=$([ $m = llama-3.1-8b ] && echo 32 || echo 8)
+              run python3 bench.py model --model $m --layers $layers --tokens "$TOKENS" --seqs 1,4 --iters "${ITERS:-10}" \
+                --modes tp1,tp1-split,tp1-split-nocarve --profile --out "$OUT/split-$m.json" 2>&1 | quiet | tee -a "$OUT/split.log"
+            done ;;
+    ceiling) run python3 docs/sm_ceiling.py 2>&1 | grep -v "^W" | tee "$OUT/ceiling.log" ;;
     tune)   run launch bench.py tune --model "${MODEL:-llama-3.3-70b}" --layers "$LAYERS" --tokens "$TOKENS" \
               --out "$OUT/tune.json" 2>&1 | quiet | tee "$OUT/tune.log"; cp configs/*.json "$OUT/" 2>/dev/null ;;
     decode) run launch bench.py decode --model "${MODEL:-llama-3.1-8b}" --iters "${ITERS:-20}" --profile --out "$OUT/decode-tp$NPROC.json" 2>&1 | quiet | tee "$OUT/decode.log" ;;

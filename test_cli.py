@@ -772,6 +772,20 @@ def test_bench_decode_on_cpu(demo, capsys):
         assert row["eager"]["median"] > 0 and row["eager"]["pipelined"]["median"] > 0
 
 
+def test_bench_kernel_classes():
+    """bench.py --profile's accounting: each kernel in the first class its name matches (cuDNN's
+    attention before the GEMMs' "sm90", gemv as a GEMM), busy time as the union of kernels on any
+    stream (overlaps counted once), idle as the rest of the span."""
+    import bench
+    ks = [(0.0, 100.0, "nvjet_tst_128x256_h_bz"), (50.0, 100.0, "cudnn_generated_fort_native_sdpa_sm90_knob"),
+          (120.0, 10.0, "tw::fused_add_rmsnorm_kernel<1>"), (200.0, 20.0, "CatArrayBatchedCopy<int>"),
+          (230.0, 10.0, "vectorized_elementwise_kernel<silu>"), (245.0, 5.0, "tw::gemv_kernel<8>")]
+    p = bench.kernel_classes(ks)
+    assert {c: (round(p[c]["ms"] * 1e3), p[c]["kernels"]) for c in bench.CLASSES} == {
+        "attention": (100, 1), "gemm": (105, 2), "comm point": (10, 1), "copy/index": (20, 1), "elementwise": (10, 1)}
+    assert round(p["span_ms"] * 1e3) == 250 and round(p["idle_ms"] * 1e3) == 250 - 150 - 20 - 10 - 5
+
+
 def test_demo_splits_its_steps_and_says_so(cli):
     """The demo runs the weave (on, by default for the demo) and says what it did on stderr."""
     rc, out, err = cli("--max-new-tokens", 4)
