@@ -25,6 +25,7 @@ import random
 import subprocess
 import sys
 import time
+import typing
 
 import torch
 import torch.distributed as dist
@@ -734,11 +735,11 @@ def cmd_serve(args, d):
     per budget and mode: the first run in a fresh engine (what a user's run.py gets) and warm runs,
     output and total tokens/s. Also the FLOP rate of its prefill-heavy steps (half the budget or more
     in prompt chunks) against one 16K-token prefill, the time of its decode-only steps, and how many
-    sequences ran per step."""
+    sequences ran per step; with --profile, where the time went by kind of step."""
     modes = ["tp1"] if d.world == 1 else args.modes
     head = ["workload", "budget", "mode", "setup s", "first run output tok/s", "warm output tok/s", "warm total tok/s",
             "prefill-heavy TFLOP/s (% of ref)", "decode-only steps: median ms (batch)", "mean running seqs", "steps"]
-    table, rows, ref = [head], [], None
+    table, rows, ref, gbps = [head], [], None, None
     for spec in args.workloads:
         for budget in args.budgets:
             for mode in modes:
@@ -752,6 +753,20 @@ def cmd_serve(args, d):
                         say(d, f"  reference: {ref[0]}-token prefill at {ref[1]:.1f} TFLOP/s")
                     prompts, out_len = workload(spec, llm.model.cfg.vocab)
                     row = serve_runs(llm, d, prompts, out_len, args.iters, budget, ref[1])
+                    steps, wall = row.pop("last")
+                    if args.profile:
+                        gbps = gbps or copy_bandwidth(d)
+                        kinds = served_kinds(steps, wall, budget, ref[1], gbps, llm.model.cache_bytes(1))
+                        say(d, f"  {spec} budget {budget} {mode}, the last warm run by kind of step:\n" +
+                            kinds_text(kinds, gbps, ref[1]))
+                        prof = served_profile(llm, kinds) if d.device.type == "cuda" else {}
+                        if prof:
+                            say(d, "  each kind's median step replayed alone, GPU ms (kernels) by class:\n" +
+                                classes_text(prof))
+                        row["by_kind"] = {kind: {key: v for key, v in k.items() if key != "median"} |
+                                          {"median_ms": k["median"].seconds * 1e3, "median_seqs": len(k["median"].spans),
+                                           "median_prompt": k["median"].prompt} | {"profile": prof.get(kind)}
+                                          for kind, k in kinds.items() if kind != "wall_s"}
                 rows.append({"workload": spec, "budget": budget, "mode": mode, **row})
                 table.append([spec, budget, mode, f"{row['setup_s']:.1f}", f"{row['first']:.1f}", fmt_rate(row["output"]),
                               fmt_rate(row["total"]), f"{row['heavy_tflops']:.1f} ({100 * row['heavy_tflops'] / ref[1]:.0f}%)",
@@ -761,6 +776,18 @@ def cmd_serve(args, d):
     title = (f"{args.model}, TP {d.world}, serving throughput: the first run of a fresh engine, then the median "
              f"(p10-p90) of {args.iters} warm runs; reference prefill {ref[0]} tokens at {ref[1]:.1f} TFLOP/s")
     return title, table, rows
+
+
+class Served(typing.NamedTuple):
+    """One step of a served run, as on_step saw it."""
+    flops: float      # matrix FLOPs (step_flops)
+    prompt: int       # tokens of prompt chunks in it
+    spans: list       # [Span], the decode tokens first
+    seconds: float    # since the step before it delivered its tokens
+
+    @property
+    def kv_rows(self) -> int:   # cache rows its attention reads: each span's keys, prefix included
+        return sum(s.start + s.n for s in self.spans)
 
 
 def serve_runs(llm, d, prompts, out_len: int, iters: int, budget: int, ref_tflops: float) -> dict:
@@ -776,21 +803,64 @@ def serve_runs(llm, d, prompts, out_len: int, iters: int, budget: int, ref_tflop
         sync()
         barrier()
         t0 = time.perf_counter()
-        done = list(llm.generate(prompts, out_len, on_step=lambda step, s: steps.append(
-            (flops(step), sum(w.n for w in step if w.start < len(w.seq.prompt)), len(step), s))))
+        done = list(llm.generate(prompts, out_len, on_step=lambda step, s: steps.append(Served(
+            flops(step), sum(w.n for w in step if w.start < len(w.seq.prompt)),
+            [Span(w.seq.row, w.start, w.n) for w in step], s))))
         wall = slowest_rank(time.perf_counter() - t0)
         n_out, n_in = sum(len(s.out) for s in done), sum(len(s.prompt) for s in done)
-        runs.append((n_out / wall, (n_in + n_out) / wall, steps))
+        runs.append((n_out / wall, (n_in + n_out) / wall, steps, wall))
     warm = runs[1:] or runs
-    heavy = [(f, s) for *_, steps in warm for f, pre, _, s in steps if pre >= budget / 2]
-    decode = sorted((s * 1e3, b) for *_, steps in warm for _, pre, b, s in steps if pre == 0)
+    heavy = [st for *_, steps, _ in warm for st in steps if st.prompt >= budget / 2]
+    decode = sorted((st.seconds * 1e3, len(st.spans)) for *_, steps, _ in warm for st in steps if st.prompt == 0)
     dec = decode[len(decode) // 2] if decode else (float("nan"), 0)
-    steps = warm[-1][2]
+    steps, wall = warm[-1][2:]
     return {"setup_s": setup, "first": runs[0][0], "output": stats([r[0] for r in warm]),
             "total": stats([r[1] for r in warm]), "ref_tflops": ref_tflops,
-            "heavy_tflops": sum(f for f, _ in heavy) / max(sum(s for _, s in heavy), 1e-9) / 1e12,
-            "decode_ms": dec[0], "decode_batch": dec[1], "running": sum(b for _, _, b, _ in steps) / max(len(steps), 1),
-            "steps": len(steps), "kv_rows": llm.engine.rows}
+            "heavy_tflops": sum(st.flops for st in heavy) / max(sum(st.seconds for st in heavy), 1e-9) / 1e12,
+            "decode_ms": dec[0], "decode_batch": dec[1], "running": sum(len(st.spans) for st in steps) / max(len(steps), 1),
+            "steps": len(steps), "kv_rows": llm.engine.rows, "last_wall_s": wall, "last": (steps, wall)}
+
+
+STEP_KINDS = {"prefill-heavy": lambda prompt, budget: prompt >= budget / 2,
+              "mixed": lambda prompt, budget: 0 < prompt < budget / 2,
+              "decode-only": lambda prompt, budget: prompt == 0}
+
+
+def served_kinds(steps: list, wall: float, budget: int, ref_tflops: float, gbps: float, kv_row_bytes: int) -> dict:
+    """Where a served run's time went, by kind of step (STEP_KINDS): the steps, their seconds and
+    share of the run's wall time, and their floor: the FLOPs at the reference prefill's rate plus
+    the KV cache their attention reads (every key once) at the copy bandwidth."""
+    out = {}
+    for kind, pick in STEP_KINDS.items():
+        mine = [st for st in steps if pick(st.prompt, budget)]
+        if mine:
+            flop_s = sum(st.flops for st in mine) / ref_tflops / 1e12
+            kv_s = sum(st.kv_rows for st in mine) * kv_row_bytes / gbps / 1e9
+            out[kind] = {"steps": len(mine), "s": sum(st.seconds for st in mine), "flop_floor_s": flop_s,
+                         "kv_floor_s": kv_s, "median": sorted(mine, key=lambda st: st.seconds)[len(mine) // 2]}
+    return out | {"wall_s": wall}
+
+
+def served_profile(llm, kinds: dict) -> dict:
+    """Each kind's step of median time replayed alone (the cache as the run left it): GPU ms by
+    kernel class, span, idle and the host's time to issue it."""
+    runner, out = llm.engine.runner, {}
+    for kind, k in kinds.items():
+        if kind != "wall_s":
+            spans = k["median"].spans
+            fn = functools.partial(runner.step, spans, [0] * sum(s.n for s in spans), list(range(len(spans))),
+                                   engine.Sampling())
+            out[kind] = kernel_classes(gpu_kernels(fn, 1)) | {"host_ms": issue_ms(fn)}
+    return out
+
+
+def kinds_text(kinds: dict, gbps: float, ref_tflops: float) -> str:
+    wall = kinds["wall_s"]
+    return "\n".join(f"    {kind:>13}: {k['steps']} steps, {k['s']:.2f} s ({100 * k['s'] / wall:.0f}% of {wall:.2f} s); "
+                     f"floor {k['flop_floor_s'] + k['kv_floor_s']:.2f} s = FLOPs {k['flop_floor_s']:.2f} at "
+                     f"{ref_tflops:.0f} TFLOP/s + KV reads {k['kv_floor_s']:.2f} at {gbps:.0f} GB/s; median step "
+                     f"{k['median'].seconds * 1e3:.2f} ms ({len(k['median'].spans)} seqs, {k['median'].prompt} prompt tokens)"
+                     for kind, k in kinds.items() if kind != "wall_s")
 
 
 def prefill_rate(llm, d):
@@ -978,6 +1048,10 @@ def parse_args(argv=None):
                    help="modes to compare under torchrun (at TP 1: tp1)")
     s.add_argument("--max-seqs", type=int, default=256, help="running sequences at most (default 256)")
     s.add_argument("--graphs", type=int, default=1, help="1 = decode steps from CUDA graphs (default), 0 = eager")
+    s.add_argument("--profile", action="store_true", help="also say where the last warm run's time went by kind of step "
+                   "(prefill-heavy, mixed, decode-only) against its floor (FLOPs at the reference prefill's rate + the KV "
+                   "cache its attention reads at the copy bandwidth), and replay each kind's median step alone: GPU ms "
+                   "by kernel class, idle time and the host's time to issue it")
     c = command("checkpoint", "write a random-weight checkpoint of a preset's shape and a prompts file")
     c.add_argument("dir", help="where to write it")
     c.add_argument("--prompts", type=int, default=1000, help="prompts in prompts.txt (default 1000)")

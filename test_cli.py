@@ -786,6 +786,30 @@ def test_bench_kernel_classes():
     assert round(p["span_ms"] * 1e3) == 250 and round(p["idle_ms"] * 1e3) == 250 - 150 - 20 - 10 - 5
 
 
+def test_bench_serve_by_kind_on_cpu(demo, capsys):
+    """bench.py serve --profile on the CPU: every step of the last warm run falls in exactly one kind
+    (prefill-heavy, mixed, decode-only), the kinds' seconds add up to at most the run's wall time,
+    and each floor counts what its steps read: a decode-only step's KV rows are its sequences' keys."""
+    import bench
+    assert bench.main(["serve", "--model", str(demo), "--workloads", "5x12/6", "--budgets", "16", "--max-seqs", "4",
+                       "--iters", "1", "--graphs", "0", "--profile"]) == 0
+    out = capsys.readouterr().out
+    row = json.loads(out.strip().splitlines()[-1])["rows"][0]
+    kinds = row["by_kind"]
+    assert set(kinds) == {"prefill-heavy", "mixed", "decode-only"}, kinds
+    assert sum(k["steps"] for k in kinds.values()) == row["steps"]
+    assert 0 < sum(k["s"] for k in kinds.values()) <= row["last_wall_s"] * 1.001
+    assert all(k["flop_floor_s"] > 0 for k in kinds.values())
+    assert "decode-only:" in out and "prefill-heavy:" in out
+
+    spans = [bench.Span(0, 12, 1), bench.Span(20, 15, 1), bench.Span(40, 0, 16)]
+    st = bench.Served(flops=1e12, prompt=16, spans=spans, seconds=0.5)
+    assert st.kv_rows == 13 + 16 + 16
+    kinds = bench.served_kinds([st, st._replace(prompt=0, spans=spans[:2])], 2.0, 16, 1.0, 1.0, 1000)
+    assert kinds["prefill-heavy"]["steps"] == 1 and kinds["decode-only"]["kv_floor_s"] == 29 * 1000 / 1e9
+    assert "mixed" not in kinds and kinds["prefill-heavy"]["flop_floor_s"] == 1.0
+
+
 def test_demo_splits_its_steps_and_says_so(cli):
     """The demo runs the weave (on, by default for the demo) and says what it did on stderr."""
     rc, out, err = cli("--max-new-tokens", 4)
