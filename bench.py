@@ -405,7 +405,9 @@ def kernel_classes(ks: list) -> dict:
 def classes_text(profile: dict) -> str:
     """One line per mode: ms (kernels) per class, then the span, its idle part and the host's time."""
     return "\n".join(f"    {m:>16}: " + ", ".join(f"{c} {p[c]['ms']:.2f} ({p[c]['kernels']})" for c in CLASSES) +
-                     f"; span {p['span_ms']:.2f}, idle {p['idle_ms']:.2f}, host {p['host_ms']:.2f}"
+                     f"; span {p['span_ms']:.2f}, idle {p['idle_ms']:.2f}, host {p['host_ms']:.2f}" +
+                     ("".join(f", {k.removesuffix('_ms').replace('_', ' ')} {p[k]:.2f}" for k in ("alone_ms", "back_to_back_ms")
+                              if k in p))
                      for m, p in profile.items())
 
 
@@ -842,16 +844,30 @@ def served_kinds(steps: list, wall: float, budget: int, ref_tflops: float, gbps:
 
 
 def served_profile(llm, kinds: dict) -> dict:
-    """Each kind's step of median time replayed alone (the cache as the run left it): GPU ms by
-    kernel class, span, idle and the host's time to issue it."""
+    """Each kind's step of median time replayed (the cache as the run left it): GPU ms by kernel
+    class, span, idle and the host's time to issue it; ms alone (the median of 5, waiting after
+    each) and back to back (10 enqueued, then one wait: as a run enqueues them)."""
     runner, out = llm.engine.runner, {}
     for kind, k in kinds.items():
         if kind != "wall_s":
             spans = k["median"].spans
             fn = functools.partial(runner.step, spans, [0] * sum(s.n for s in spans), list(range(len(spans))),
                                    engine.Sampling())
-            out[kind] = kernel_classes(gpu_kernels(fn, 1)) | {"host_ms": issue_ms(fn)}
+            out[kind] = kernel_classes(gpu_kernels(fn, 1)) | {"host_ms": issue_ms(fn),
+                                                              "alone_ms": stats(timed(fn, 5, warmup=1))["median"],
+                                                              "back_to_back_ms": back_to_back_ms(fn, 10)}
     return out
+
+
+def back_to_back_ms(fn, n: int) -> float:
+    """ms per call of n calls enqueued one after the other, as a run enqueues its steps (no wait
+    between them): against a call alone, what running in a stream of steps costs or saves."""
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    sync()
+    return (time.perf_counter() - t0) * 1e3 / n
 
 
 def kinds_text(kinds: dict, gbps: float, ref_tflops: float) -> str:
