@@ -763,8 +763,9 @@ def cmd_serve(args, d):
                             kinds_text(kinds, gbps, ref[1]))
                         prof = served_profile(llm, kinds) if d.device.type == "cuda" else {}
                         if prof:
-                            say(d, "  each kind's median step replayed alone, GPU ms (kernels) by class:\n" +
-                                classes_text(prof))
+                            say(d, "  each kind's median step replayed, GPU ms (kernels) by class:\n" + classes_text(prof) +
+                                "".join(f"\n    {kind} top: " + "; ".join(f"{ms:.2f} ({c}) {name[:70]}" for name, ms, c in p["top"])
+                                        for kind, p in prof.items()))
                         row["by_kind"] = {kind: {key: v for key, v in k.items() if key != "median"} |
                                           {"median_ms": k["median"].seconds * 1e3, "median_seqs": len(k["median"].spans),
                                            "median_prompt": k["median"].prompt} | {"profile": prof.get(kind)}
@@ -853,10 +854,20 @@ def served_profile(llm, kinds: dict) -> dict:
             spans = k["median"].spans
             fn = functools.partial(runner.step, spans, [0] * sum(s.n for s in spans), list(range(len(spans))),
                                    engine.Sampling())
-            out[kind] = kernel_classes(gpu_kernels(fn, 1)) | {"host_ms": issue_ms(fn),
+            ks = gpu_kernels(fn, 1)
+            out[kind] = kernel_classes(ks) | {"top": top_kernels(ks, 6), "host_ms": issue_ms(fn),
                                                               "alone_ms": stats(timed(fn, 5, warmup=1))["median"],
                                                               "back_to_back_ms": back_to_back_ms(fn, 10)}
     return out
+
+
+def top_kernels(ks: list, n: int) -> list:
+    """[(name, ms, calls)] of the n kernels (by name) that take the most GPU time."""
+    by = {}
+    for _, us, name in ks:
+        ms, calls = by.get(name[:100], (0.0, 0))
+        by[name[:100]] = ms + us / 1e3, calls + 1
+    return sorted(((k, round(ms, 3), c) for k, (ms, c) in by.items()), key=lambda x: -x[1])[:n]
 
 
 def back_to_back_ms(fn, n: int) -> float:
@@ -931,7 +942,7 @@ def cmd_checkpoint(args, d):
         json.dump({"metadata": {}, "weight_map": index}, f)
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(models.PRESETS[args.model], f, indent=1)
-    demo = models.resolve(None, d)
+    demo = models.resolve(None)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         with open(os.path.join(demo, name)) as src, open(os.path.join(out, name), "w") as dst:
             dst.write(src.read())

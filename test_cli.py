@@ -772,6 +772,24 @@ def test_bench_decode_on_cpu(demo, capsys):
         assert row["eager"]["median"] > 0 and row["eager"]["pipelined"]["median"] > 0
 
 
+def test_bench_checkpoint_runs(demo, tmp_path, monkeypatch, capsys):
+    """bench.py checkpoint (what gpu_check.sh e2e times run.py on) writes a checkpoint of a preset's
+    shape, the demo's tokenizer and a prompts file that run.py loads and runs, every prompt."""
+    import bench
+    vocab = json.loads((demo / "config.json").read_text())["vocab_size"]
+    monkeypatch.setitem(models.PRESETS, "tiny", models.LLAMA_3_70B | dict(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+        vocab_size=vocab, max_position_embeddings=256))
+    out = tmp_path / "ckpt"
+    assert bench.main(["checkpoint", str(out), "--model", "tiny", "--prompts", "3", "--prompt-tokens", "20"]) == 0
+    capsys.readouterr()
+    assert len((out / "prompts.txt").read_text().splitlines()) == 3
+    assert run.main(["--device", "cpu", "--model", str(out), "--prompts-file", str(out / "prompts.txt"),
+                     "--max-new-tokens", "2", "--json"]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert len(lines) == 3 and all(len(x["token_ids"]) == 2 and not x.get("error") for x in lines), lines
+
+
 def test_bench_kernel_classes():
     """bench.py --profile's accounting: each kernel in the first class its name matches (cuDNN's
     attention before the GEMMs' "sm90", gemv as a GEMM), busy time as the union of kernels on any
