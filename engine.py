@@ -494,6 +494,14 @@ class Flight:
 # ----------------------------------------------------------------------------- the API
 
 
+def default_step_budget(world: int) -> int:
+    """The step token budget when none is given. At TP > 1, 2048 as the paper's throughput runs:
+    the weave splits such steps and hides their communication. On one GPU nothing is split, and
+    8192-token steps run the GEMMs in fewer, larger waves: 1.5-2.5% more output tokens/s than 2048
+    on an H100 (run.py on 1000 x 1024/128; bench.py serve on its mixed and tail workloads too)."""
+    return 8192 if world == 1 else 2048
+
+
 def check_step_budget(budget: int, max_seqs: int, cfg, dtype, d):
     """A step budget the run can use and hold: no more tokens than max_seqs sequences of the model's
     context can bring to one step, and two step buffers that fit beside the rest."""
@@ -542,20 +550,23 @@ class LLM:
     model: a checkpoint directory, a hub id, a preset name (random weights; token-id prompts only)
     or None (the demo). tokenizer: this model's models.Tokenizer if the caller has loaded it already.
     fast: the one-GPU fast path's kernels (fastpath.py) where they can run; off, the plain model.
+    max_step_tokens: the step's token budget; None: default_step_budget (8192 on one GPU, 2048 at TP > 1),
+    or what max_seqs sequences of the model's context can bring to a step if that is less.
     Every option is checked here, and a bad one raises UserError naming it. The model, the comm
     buffers, the KV cache and the graphs are freed by close() (or leaving the with block); the
     process group stays (init_distributed made it).
     """
 
     def __init__(self, model: str | None = None, *, comm: str = "auto", weave: str = "auto",
-                 graphs: str = "auto", tuning=None, max_seqs: int = 256, max_step_tokens: int = 2048,
+                 graphs: str = "auto", tuning=None, max_seqs: int = 256, max_step_tokens: int | None = None,
                  memory: float = 0.9, device: str = "auto", dtype: torch.dtype | None = None,
                  layers: int | None = None, dist=None, log=None, tokenizer=None, fast: bool = True):
         self.engine = None
         if model is not None:
             option("model", model, str, want="a checkpoint directory, a hub id, a preset name or None")
         option("max_seqs", max_seqs, int, lambda v: v >= 1, "an integer >= 1")
-        option("max_step_tokens", max_step_tokens, int, lambda v: v >= 1, "an integer >= 1")
+        if max_step_tokens is not None:
+            option("max_step_tokens", max_step_tokens, int, lambda v: v >= 1, "an integer >= 1 or None")
         option("memory", memory, float, lambda v: 0 < v <= 1, "a fraction in (0, 1]")
         option("fast", fast, bool, want="True or False")
         if layers is not None:
@@ -580,6 +591,7 @@ class LLM:
         check_comm(comm, self.d, dtype, cfg.hidden)                     # before minutes of loading
         if not isinstance(tuning, Tuning):
             tuning = Tuning.load(tuning or tuning_path(cfg, self.d.world), required=tuning is not None)
+        max_step_tokens = max_step_tokens or min(default_step_budget(self.d.world), max_seqs * cfg.max_positions)
         Scheduler.check_limits(max_seqs, max_step_tokens)
         check_step_budget(max_step_tokens, max_seqs, cfg, dtype, self.d)
         is_dir = os.path.isdir(self.path)      # else a preset: no tokenizer, token-id prompts only

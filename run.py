@@ -92,9 +92,10 @@ def parse_args(argv=None):
                    "256, or --max-step-tokens if that is lower): decode graphs are captured up to this batch. The "
                    "KV cache holds each running sequence's prompt + --max-new-tokens and is sized from memory "
                    "(see --memory); a prompt waits while no room is free")
-    p.add_argument("--max-step-tokens", type=positive("max-step-tokens"), default=2048, help="token budget "
-                   "of one step: decode tokens plus prompt chunks (default 2048, as the paper's throughput "
-                   "runs); longer prompts are prefilled over several steps")
+    p.add_argument("--max-step-tokens", type=positive("max-step-tokens"), help="token budget of one step: "
+                   "decode tokens plus prompt chunks; longer prompts are prefilled over several steps (default "
+                   "2048 at TP > 1, as the paper's throughput runs, whose steps the weave splits; 8192 on one GPU, "
+                   "where --weave auto splits nothing and larger steps run faster)")
     p.add_argument("--memory", type=float, default=0.9, help="fraction of the GPU's memory this process may "
                    "fill in all (weights, step buffers, KV cache), in (0, 1] (default 0.9; on the CPU: of the "
                    "host's available memory). The ready line says what the KV cache got")
@@ -133,8 +134,8 @@ def parse_args(argv=None):
     if args.weave is None:
         args.weave = "on" if args.model is None else "auto"
     if args.max_seqs is None:
-        args.max_seqs = min(256, args.max_step_tokens)
-    if args.max_seqs > args.max_step_tokens:
+        args.max_seqs = min(256, args.max_step_tokens or 256)
+    if args.max_step_tokens is not None and args.max_seqs > args.max_step_tokens:
         raise UsageError(f"--max-seqs ({args.max_seqs}) must not exceed --max-step-tokens ({args.max_step_tokens}): "
                          f"every running sequence decodes one token per step")
     cpu = args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available())
