@@ -105,6 +105,49 @@ def issue_ms(fn) -> float:
     return ms
 
 
+@contextlib.contextmanager
+def gpu_clocks(d):
+    """Samples this GPU's SM clock, power draw and use every 0.5 s while the block runs (nvidia-smi),
+    into the dict it yields: sm_mhz and watts, the medians of the samples with the GPU busy (>= 90%).
+    A minutes-long run on a power-capped GPU holds lower clocks than a seconds-long benchmark, and
+    its floor moves with them. Nothing without nvidia-smi."""
+    out, proc = {}, None
+    if d.device.type == "cuda":
+        uuid = torch.cuda.get_device_properties(d.device).uuid
+        try:
+            proc = subprocess.Popen(["nvidia-smi", "-i", f"GPU-{uuid}", "--query-gpu=clocks.sm,power.draw,utilization.gpu",
+                                     "--format=csv,noheader,nounits", "-lms", "500"], stdout=subprocess.PIPE,
+                                    stderr=subprocess.DEVNULL, text=True)
+        except OSError:
+            pass
+    try:
+        yield out
+    finally:
+        if proc is not None:
+            proc.terminate()
+            out.update(busy_clocks(proc.communicate()[0]))
+
+
+def clocks_text(c: dict) -> str:
+    return f", SM clock {c['sm_mhz']:.0f} MHz ({c['watts']:.0f} W)" if c else ""
+
+
+def busy_clocks(text: str) -> dict:
+    """nvidia-smi's 'MHz, W, %' lines -> the median SM clock and power of the busy ones."""
+    rows = []
+    for line in text.splitlines():
+        try:
+            mhz, watts, util = (float(x) for x in line.split(","))
+        except ValueError:
+            continue
+        if util >= 90:
+            rows.append((mhz, watts))
+    if not rows:
+        return {}
+    return {"sm_mhz": stats([r[0] for r in rows])["median"], "watts": stats([r[1] for r in rows])["median"],
+            "samples": len(rows)}
+
+
 def sync():
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -737,11 +780,14 @@ def cmd_serve(args, d):
     per budget and mode: the first run in a fresh engine (what a user's run.py gets) and warm runs,
     output and total tokens/s. Also the FLOP rate of its prefill-heavy steps (half the budget or more
     in prompt chunks) against one 16K-token prefill, the time of its decode-only steps, and how many
-    sequences ran per step; with --profile, where the time went by kind of step."""
+    sequences ran per step, and the GPU's SM clock while the runs ran (a long run on a power-capped
+    GPU holds lower clocks than the reference prefill); with --profile, where the time went by kind
+    of step."""
     modes = ["tp1"] if d.world == 1 else args.modes
     head = ["workload", "budget", "mode", "setup s", "first run output tok/s", "warm output tok/s", "warm total tok/s",
-            "prefill-heavy TFLOP/s (% of ref)", "decode-only steps: median ms (batch)", "mean running seqs", "steps"]
-    table, rows, ref, gbps = [head], [], None, None
+            "prefill-heavy TFLOP/s (% of ref)", "decode-only steps: median ms (batch)", "mean running seqs", "steps",
+            "SM clock in the runs"]
+    table, rows, ref, gbps, ref_clocks = [head], [], None, None, {}
     for spec in args.workloads:
         for budget in args.budgets:
             for mode in modes:
@@ -751,8 +797,9 @@ def cmd_serve(args, d):
                                 max_seqs=min(args.max_seqs, budget), max_step_tokens=budget) as llm:
                     llm.weaver.tuning = dataclasses.replace(llm.weaver.tuning, carveout=carveout)
                     if ref is None:
-                        ref = prefill_rate(llm, d)
-                        say(d, f"  reference: {ref[0]}-token prefill at {ref[1]:.1f} TFLOP/s")
+                        with gpu_clocks(d) as ref_clocks:
+                            ref = prefill_rate(llm, d)
+                        say(d, f"  reference: {ref[0]}-token prefill at {ref[1]:.1f} TFLOP/s{clocks_text(ref_clocks)}")
                     prompts, out_len = workload(spec, llm.model.cfg.vocab)
                     row = serve_runs(llm, d, prompts, out_len, args.iters, budget, ref[1])
                     steps, wall = row.pop("last")
@@ -773,11 +820,13 @@ def cmd_serve(args, d):
                 rows.append({"workload": spec, "budget": budget, "mode": mode, **row})
                 table.append([spec, budget, mode, f"{row['setup_s']:.1f}", f"{row['first']:.1f}", fmt_rate(row["output"]),
                               fmt_rate(row["total"]), f"{row['heavy_tflops']:.1f} ({100 * row['heavy_tflops'] / ref[1]:.0f}%)",
-                              f"{row['decode_ms']:.2f} ({row['decode_batch']})", f"{row['running']:.1f}", row["steps"]])
+                              f"{row['decode_ms']:.2f} ({row['decode_batch']})", f"{row['running']:.1f}", row["steps"],
+                              clocks_text(row["clocks"]).removeprefix(", SM clock ") or "-"])
                 say(d, f"  {spec} budget {budget} {mode}: first {row['first']:.1f}, warm "
                        f"{row['output']['median']:.1f} output tok/s")
     title = (f"{args.model}, TP {d.world}, serving throughput: the first run of a fresh engine, then the median "
-             f"(p10-p90) of {args.iters} warm runs; reference prefill {ref[0]} tokens at {ref[1]:.1f} TFLOP/s")
+             f"(p10-p90) of {args.iters} warm runs; reference prefill {ref[0]} tokens at {ref[1]:.1f} TFLOP/s"
+             f"{clocks_text(ref_clocks)}; SM clock: the median while busy, and the power draw")
     return title, table, rows
 
 
@@ -801,17 +850,18 @@ def serve_runs(llm, d, prompts, out_len: int, iters: int, budget: int, ref_tflop
     sync()
     setup = time.perf_counter() - t0
     runs = []
-    for _ in range(iters + 1):              # the first run, then the warm ones
-        steps = []
-        sync()
-        barrier()
-        t0 = time.perf_counter()
-        done = list(llm.generate(prompts, out_len, on_step=lambda step, s: steps.append(Served(
-            flops(step), sum(w.n for w in step if w.start < len(w.seq.prompt)),
-            [Span(w.seq.row, w.start, w.n) for w in step], s))))
-        wall = slowest_rank(time.perf_counter() - t0)
-        n_out, n_in = sum(len(s.out) for s in done), sum(len(s.prompt) for s in done)
-        runs.append((n_out / wall, (n_in + n_out) / wall, steps, wall))
+    with gpu_clocks(d) as clocks:
+        for _ in range(iters + 1):          # the first run, then the warm ones
+            steps = []
+            sync()
+            barrier()
+            t0 = time.perf_counter()
+            done = list(llm.generate(prompts, out_len, on_step=lambda step, s: steps.append(Served(
+                flops(step), sum(w.n for w in step if w.start < len(w.seq.prompt)),
+                [Span(w.seq.row, w.start, w.n) for w in step], s))))
+            wall = slowest_rank(time.perf_counter() - t0)
+            n_out, n_in = sum(len(s.out) for s in done), sum(len(s.prompt) for s in done)
+            runs.append((n_out / wall, (n_in + n_out) / wall, steps, wall))
     warm = runs[1:] or runs
     heavy = [st for *_, steps, _ in warm for st in steps if st.prompt >= budget / 2]
     decode = sorted((st.seconds * 1e3, len(st.spans)) for *_, steps, _ in warm for st in steps if st.prompt == 0)
@@ -821,7 +871,7 @@ def serve_runs(llm, d, prompts, out_len: int, iters: int, budget: int, ref_tflop
             "total": stats([r[1] for r in warm]), "ref_tflops": ref_tflops,
             "heavy_tflops": sum(st.flops for st in heavy) / max(sum(st.seconds for st in heavy), 1e-9) / 1e12,
             "decode_ms": dec[0], "decode_batch": dec[1], "running": sum(len(st.spans) for st in steps) / max(len(steps), 1),
-            "steps": len(steps), "kv_rows": llm.engine.rows, "last_wall_s": wall, "last": (steps, wall)}
+            "steps": len(steps), "kv_rows": llm.engine.rows, "last_wall_s": wall, "clocks": clocks, "last": (steps, wall)}
 
 
 STEP_KINDS = {"prefill-heavy": lambda prompt, budget: prompt >= budget / 2,

@@ -807,7 +807,8 @@ def test_bench_kernel_classes():
 def test_bench_serve_by_kind_on_cpu(demo, capsys):
     """bench.py serve --profile on the CPU: every step of the last warm run falls in exactly one kind
     (prefill-heavy, mixed, decode-only), the kinds' seconds add up to at most the run's wall time,
-    and each floor counts what its steps read: a decode-only step's KV rows are its sequences' keys."""
+    and each floor counts what its steps read: a decode-only step's KV rows are its sequences' keys.
+    The GPU clock it reports is the median of nvidia-smi's busy samples."""
     import bench
     assert bench.main(["serve", "--model", str(demo), "--workloads", "5x12/6", "--budgets", "16", "--max-seqs", "4",
                        "--iters", "1", "--graphs", "0", "--profile"]) == 0
@@ -826,6 +827,10 @@ def test_bench_serve_by_kind_on_cpu(demo, capsys):
     kinds = bench.served_kinds([st, st._replace(prompt=0, spans=spans[:2])], 2.0, 16, 1.0, 1.0, 1000)
     assert kinds["prefill-heavy"]["steps"] == 1 and kinds["decode-only"]["kv_floor_s"] == 29 * 1000 / 1e9
     assert "mixed" not in kinds and kinds["prefill-heavy"]["flop_floor_s"] == 1.0
+    # The GPU's clock in the runs: none on the CPU; from nvidia-smi, the busy samples' medians.
+    assert row["clocks"] == {}
+    assert bench.busy_clocks("1590, 692.1, 100\n1980, 80.0, 0\n[N/A], 1, 2\n1610, 698.0, 97\n1500, 690.5, 99\n") == {
+        "sm_mhz": 1590.0, "watts": 692.1, "samples": 3}
 
 
 def test_demo_splits_its_steps_and_says_so(cli):
