@@ -906,8 +906,8 @@ def served_profile(llm, kinds: dict) -> dict:
                                    engine.Sampling())
             ks = gpu_kernels(fn, 1)
             out[kind] = kernel_classes(ks) | {"top": top_kernels(ks, 6), "host_ms": issue_ms(fn),
-                                                              "alone_ms": stats(timed(fn, 5, warmup=1))["median"],
-                                                              "back_to_back_ms": back_to_back_ms(fn, 10)}
+                                              "alone_ms": stats(timed(fn, 5, warmup=1))["median"],
+                                              "back_to_back_ms": back_to_back_ms(fn, 10)}
     return out
 
 
@@ -1127,8 +1127,8 @@ def parse_args(argv=None):
     s.add_argument("--graphs", type=int, default=1, help="1 = decode steps from CUDA graphs (default), 0 = eager")
     s.add_argument("--profile", action="store_true", help="also say where the last warm run's time went by kind of step "
                    "(prefill-heavy, mixed, decode-only) against its floor (FLOPs at the reference prefill's rate + the KV "
-                   "cache its attention reads at the copy bandwidth), and replay each kind's median step alone: GPU ms "
-                   "by kernel class, idle time and the host's time to issue it")
+                   "cache its attention reads at the copy bandwidth), and replay each kind's median step: GPU ms by "
+                   "kernel class, idle time, the host's time to issue it, ms alone and back to back")
     c = command("checkpoint", "write a random-weight checkpoint of a preset's shape and a prompts file")
     c.add_argument("dir", help="where to write it")
     c.add_argument("--prompts", type=int, default=1000, help="prompts in prompts.txt (default 1000)")

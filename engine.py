@@ -497,8 +497,7 @@ class Flight:
 def default_step_budget(world: int) -> int:
     """The step token budget when none is given. At TP > 1, 2048 as the paper's throughput runs:
     the weave splits such steps and hides their communication. On one GPU nothing is split, and
-    8192-token steps run the GEMMs in fewer, larger waves: 1.5-2.5% more output tokens/s than 2048
-    on an H100 (run.py on 1000 x 1024/128; bench.py serve on its mixed and tail workloads too)."""
+    larger steps run their GEMMs in fewer, longer waves (a few percent more tokens/s: results.md)."""
     return 8192 if world == 1 else 2048
 
 
