@@ -9,7 +9,8 @@
 #   profile (TOKENS, ITERS); ceiling what one SM can copy (the comm kernel's bound on one GPU);
 #   decode (with a per-kernel profile), attention (the decode attention kernel alone), gemm (a
 #   decode step's GEMMs alone) and serve take MODEL (default llama-3.1-8b there), and serve
-#   WORKLOADS, BUDGETS, ITERS; e2e writes an 8B-shaped checkpoint and times run.py on it.
+#   WORKLOADS, BUDGETS, ITERS (it profiles each run by kind of step); e2e writes an 8B-shaped
+#   checkpoint and times run.py on it at the default settings.
 set -uo pipefail
 OUT=${OUT:-results}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -48,7 +49,7 @@ for step in "$@"; do
     gemm)   run python3 bench.py gemm --model "${MODEL:-llama-3.1-8b}" --iters 10 --out "$OUT/gemm.json" 2>&1 | tee "$OUT/gemm.log" ;;
     attention) run python3 bench.py attention --model "${MODEL:-llama-3.1-8b}" --iters 20 --out "$OUT/attention.json" 2>&1 | tee "$OUT/attention.log" ;;
     serve)  run launch bench.py serve --model "${MODEL:-llama-3.1-8b}" --workloads "${WORKLOADS:-1000x1024/128,1000xmixed/128}" \
-              --budgets "${BUDGETS:-2048,8192}" --iters "${ITERS:-3}" --out "$OUT/serve-tp$NPROC.json" 2>&1 | quiet | tee "$OUT/serve.log" ;;
+              --budgets "${BUDGETS:-2048,8192}" --iters "${ITERS:-3}" --profile --out "$OUT/serve-tp$NPROC.json" 2>&1 | quiet | tee "$OUT/serve.log" ;;
     e2e)    # what a user runs: a whole run.py process on a checkpoint on disk, first run
             [ -d "$CKPT" ] || run python3 bench.py checkpoint "$CKPT" --model "${MODEL:-llama-3.1-8b}" 2>&1 | tee "$OUT/ckpt.log"
             TIMEFORMAT="process wall %R s"
