@@ -432,15 +432,19 @@ def generate(args, d, run: dict, path: str) -> int:
         raise UserError(f"--max-new-tokens {args.max_new_tokens} does not fit the model's context of {cfg.max_positions} "
                         f"with {'the prompt' if one else 'any prompt'} ({shortest}{'' if one else ' tokens or more'}"
                         f"{' tokens' if one else ''}); the largest that fits is {cfg.max_positions - shortest}")
+    t_prompts = time.perf_counter()
     llm = run["llm"] = engine.LLM(path, comm=args.comm, weave=args.weave, graphs=args.graphs, tuning=args.tuning,
                                   max_seqs=args.max_seqs, max_step_tokens=args.max_step_tokens, memory=args.memory,
                                   dist=d, log=log, tokenizer=tokenizer)
+    t_model = sync(d)
     llm.prepare(ids, args.max_new_tokens)
     start = sync(d)
     load_s = start - t0
     eng = llm.engine
     log(f"ready in {load_s:.1f}s ({start - STARTED:.1f}s after the process started: {IMPORTED - STARTED:.1f}s of "
-        f"imports, {t0 - IMPORTED:.1f}s starting the device): comm {llm.comm_name}, weave {args.weave}, KV cache {eng.rows} positions "
+        f"imports, {t0 - IMPORTED:.1f}s starting the device, {t_prompts - t0:.1f}s reading and tokenizing the prompts, "
+        f"{t_model - t_prompts:.1f}s loading the model, {start - t_model:.1f}s sizing the KV cache and capturing "
+        f"graphs): comm {llm.comm_name}, weave {args.weave}, KV cache {eng.rows} positions "
         f"({llm.model.cache_bytes(eng.rows) / 2**30:.2f} GiB) for up to {eng.max_seqs} sequences, decode graphs "
         f"{'for batches up to ' + str(max(eng.runner.graphs)) if eng.runner.graphs else 'off'}")
     out = Printer(args, prompts, llm, d, load_s, start)
