@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import dataclasses
 import functools
+import itertools
 import json
 import os
 import random
@@ -777,53 +778,52 @@ def step_flops(model):
 
 def cmd_serve(args, d):
     """The paper's throughput setting: N prompts through engine.LLM (chunked prefill, mixed steps),
-    per budget and mode: the first run in a fresh engine (what a user's run.py gets) and warm runs,
+    per budget, max seqs and mode: the first run in a fresh engine (what a user's run.py gets) and warm runs,
     output and total tokens/s. Also the FLOP rate of its prefill-heavy steps (half the budget or more
     in prompt chunks) against one 16K-token prefill, the time of its decode-only steps, and how many
     sequences ran per step, and the GPU's SM clock while the runs ran (a long run on a power-capped
     GPU holds lower clocks than the reference prefill); with --profile, where the time went by kind
     of step."""
     modes = ["tp1"] if d.world == 1 else args.modes
-    head = ["workload", "budget", "mode", "setup s", "first run output tok/s", "warm output tok/s", "warm total tok/s",
-            "prefill-heavy TFLOP/s (% of ref)", "decode-only steps: median ms (batch)", "mean running seqs", "steps",
+    head = ["workload", "budget", "max seqs", "mode", "setup s", "first run output tok/s", "warm output tok/s",
+            "warm total tok/s", "prefill-heavy TFLOP/s (% of ref)", "decode-only steps: median ms (batch)", "mean running seqs", "steps",
             "SM clock in the runs"]
     table, rows, ref, gbps, ref_clocks = [head], [], None, None, {}
-    for spec in args.workloads:
-        for budget in args.budgets:
-            for mode in modes:
-                backend, split, carveout, _ = MODES[mode]
-                with engine.LLM(os.path.expanduser(args.model), comm=backend, weave=split, dist=d,
-                                graphs="auto" if args.graphs else "off", layers=args.layers,
-                                max_seqs=min(args.max_seqs, budget), max_step_tokens=budget) as llm:
-                    llm.weaver.tuning = dataclasses.replace(llm.weaver.tuning, carveout=carveout)
-                    if ref is None:
-                        with gpu_clocks(d) as ref_clocks:
-                            ref = prefill_rate(llm, d)
-                        say(d, f"  reference: {ref[0]}-token prefill at {ref[1]:.1f} TFLOP/s{clocks_text(ref_clocks)}")
-                    prompts, out_len = workload(spec, llm.model.cfg.vocab)
-                    row = serve_runs(llm, d, prompts, out_len, args.iters, budget, ref[1])
-                    steps, wall = row.pop("last")
-                    if args.profile:
-                        gbps = gbps or copy_bandwidth(d)
-                        kinds = served_kinds(steps, wall, budget, ref[1], gbps, llm.model.cache_bytes(1))
-                        say(d, f"  {spec} budget {budget} {mode}, the last warm run by kind of step:\n" +
-                            kinds_text(kinds, gbps, ref[1]))
-                        prof = served_profile(llm, kinds) if d.device.type == "cuda" else {}
-                        if prof:
-                            say(d, "  each kind's median step replayed, GPU ms (kernels) by class:\n" + classes_text(prof) +
-                                "".join(f"\n    {kind} top: " + "; ".join(f"{ms:.2f} ({c}) {name[:70]}" for name, ms, c in p["top"])
-                                        for kind, p in prof.items()))
-                        row["by_kind"] = {kind: {key: v for key, v in k.items() if key != "median"} |
-                                          {"median_ms": k["median"].seconds * 1e3, "median_seqs": len(k["median"].spans),
-                                           "median_prompt": k["median"].prompt} | {"profile": prof.get(kind)}
-                                          for kind, k in kinds.items() if kind != "wall_s"}
-                rows.append({"workload": spec, "budget": budget, "mode": mode, **row})
-                table.append([spec, budget, mode, f"{row['setup_s']:.1f}", f"{row['first']:.1f}", fmt_rate(row["output"]),
-                              fmt_rate(row["total"]), f"{row['heavy_tflops']:.1f} ({100 * row['heavy_tflops'] / ref[1]:.0f}%)",
-                              f"{row['decode_ms']:.2f} ({row['decode_batch']})", f"{row['running']:.1f}", row["steps"],
-                              clocks_text(row["clocks"]).removeprefix(", SM clock ") or "-"])
-                say(d, f"  {spec} budget {budget} {mode}: first {row['first']:.1f}, warm "
-                       f"{row['output']['median']:.1f} output tok/s")
+    for spec, budget, max_seqs, mode in itertools.product(args.workloads, args.budgets, args.max_seqs, modes):
+        backend, split, carveout, _ = MODES[mode]
+        seqs = min(max_seqs, budget)
+        what = f"{spec} budget {budget} max seqs {seqs} {mode}"
+        with engine.LLM(os.path.expanduser(args.model), comm=backend, weave=split, dist=d,
+                        graphs="auto" if args.graphs else "off", layers=args.layers,
+                        max_seqs=seqs, max_step_tokens=budget) as llm:
+            llm.weaver.tuning = dataclasses.replace(llm.weaver.tuning, carveout=carveout)
+            if ref is None:
+                with gpu_clocks(d) as ref_clocks:
+                    ref = prefill_rate(llm, d)
+                say(d, f"  reference: {ref[0]}-token prefill at {ref[1]:.1f} TFLOP/s{clocks_text(ref_clocks)}")
+            prompts, out_len = workload(spec, llm.model.cfg.vocab)
+            row = serve_runs(llm, d, prompts, out_len, args.iters, budget, ref[1])
+            steps, wall = row.pop("last")
+            if args.profile:
+                gbps = gbps or copy_bandwidth(d)
+                kinds = served_kinds(steps, wall, budget, ref[1], gbps, llm.model.cache_bytes(1))
+                say(d, f"  {what}, the last warm run by kind of step:\n" +
+                    kinds_text(kinds, gbps, ref[1]))
+                prof = served_profile(llm, kinds) if d.device.type == "cuda" else {}
+                if prof:
+                    say(d, "  each kind's median step replayed, GPU ms (kernels) by class:\n" + classes_text(prof) +
+                        "".join(f"\n    {kind} top: " + "; ".join(f"{ms:.2f} ({c}) {name[:70]}" for name, ms, c in p["top"])
+                                for kind, p in prof.items()))
+                row["by_kind"] = {kind: {key: v for key, v in k.items() if key != "median"} |
+                                  {"median_ms": k["median"].seconds * 1e3, "median_seqs": len(k["median"].spans),
+                                   "median_prompt": k["median"].prompt} | {"profile": prof.get(kind)}
+                                  for kind, k in kinds.items() if kind != "wall_s"}
+        rows.append({"workload": spec, "budget": budget, "max_seqs": seqs, "mode": mode, **row})
+        table.append([spec, budget, seqs, mode, f"{row['setup_s']:.1f}", f"{row['first']:.1f}", fmt_rate(row["output"]),
+                      fmt_rate(row["total"]), f"{row['heavy_tflops']:.1f} ({100 * row['heavy_tflops'] / ref[1]:.0f}%)",
+                      f"{row['decode_ms']:.2f} ({row['decode_batch']})", f"{row['running']:.1f}", row["steps"],
+                      clocks_text(row["clocks"]).removeprefix(", SM clock ") or "-"])
+        say(d, f"  {what}: first {row['first']:.1f}, warm {row['output']['median']:.1f} output tok/s")
     title = (f"{args.model}, TP {d.world}, serving throughput: the first run of a fresh engine, then the median "
              f"(p10-p90) of {args.iters} warm runs; reference prefill {ref[0]} tokens at {ref[1]:.1f} TFLOP/s"
              f"{clocks_text(ref_clocks)}; SM clock: the median while busy, and the power draw")
@@ -1123,7 +1123,8 @@ def parse_args(argv=None):
     s.add_argument("--budgets", type=ints, default=[2048, 8192], help="step token budgets (default 2048,8192)")
     s.add_argument("--modes", type=names, default=["nccl", "fuse-only", "weave", "none"],
                    help="modes to compare under torchrun (at TP 1: tp1)")
-    s.add_argument("--max-seqs", type=int, default=256, help="running sequences at most (default 256)")
+    s.add_argument("--max-seqs", type=ints, default=[256], help="running sequences at most, a list to compare "
+                   "(default 256; at most the budget)")
     s.add_argument("--graphs", type=int, default=1, help="1 = decode steps from CUDA graphs (default), 0 = eager")
     s.add_argument("--profile", action="store_true", help="also say where the last warm run's time went by kind of step "
                    "(prefill-heavy, mixed, decode-only) against its floor (FLOPs at the reference prefill's rate + the KV "
