@@ -236,8 +236,8 @@ def cmd_model(args, d):
     if bad := [m for m in args.modes if (d.world == 1) != m.startswith("tp1")]:
         raise UserError(f"modes {', '.join(bad)} do not run at TP {d.world}; at TP 1 use tp1, tp1-flash, tp1-split, "
                         f"tp1-split-flash, tp1-split-nocarve; under torchrun the others")
-    if args.profile and d.device.type != "cuda":
-        raise UserError("bench.py model --profile needs a CUDA GPU")
+    if (args.profile or args.graph) and d.device.type != "cuda":
+        raise UserError(f"bench.py model {'--profile' if args.profile else '--graph'} needs a CUDA GPU")
     model = build_model(args, d)
     tuning = load_tuning(args, model, d)
     max_T = max(args.tokens)
@@ -262,6 +262,10 @@ def cmd_model(args, d):
             row = {"tokens": T, "seqs": n_seqs, "split": split} | {m: stats(t) for m, t in times.items()}
             rows.append(row)
             say(d, f"  {T:>6} tokens x {n_seqs} seqs: " + ", ".join(f"{m} {row[m]['median']:.2f}" for m in args.modes))
+            if args.graph:
+                row["graph"] = {m: run(m, batches, functools.partial(graph_ms, iters=args.iters, d=d)) for m in args.modes}
+                say(d, "    replayed from a CUDA graph: " + ", ".join(f"{m} {ms:.2f}" if ms else f"{m} n/a"
+                                                               for m, ms in row["graph"].items()))
             if args.profile:
                 row["profile"] = {m: kernel_classes(gpu_kernels(lambda: run(m, batches), 1)) |
                                   {"host_ms": run(m, batches, issue_ms)} for m in args.modes}
@@ -271,6 +275,8 @@ def cmd_model(args, d):
         trace(w, w.batch(prefill_spans(max_T, 1), random_tokens(max_T, model.cfg.vocab, 0)), args.trace, d)
     base = "nccl" if "nccl" in args.modes else args.modes[0]
     head = ["tokens", "seqs", "split"] + [f"{m} ms" for m in args.modes] + [f"{m} speedup" for m in args.modes if m != base]
+    if args.graph:
+        head += [f"{m} graph ms" for m in args.modes] + [f"{m} graph speedup" for m in args.modes if m != base]
     if "none" in args.modes:
         head += [f"{m} / none" for m in args.modes if m != "none"]
     table = [head]
@@ -278,6 +284,10 @@ def cmd_model(args, d):
         med = {m: r[m]["median"] for m in args.modes}
         line = [r["tokens"], r["seqs"], r["split"]] + [fmt(r[m]) for m in args.modes]
         line += [f"{med[base] / med[m]:.3f}x" for m in args.modes if m != base]
+        if args.graph:
+            g = r["graph"]
+            line += [f"{g[m]:.3f}" if g[m] else "n/a" for m in args.modes]
+            line += [f"{g[base] / g[m]:.3f}x" if g[m] and g[base] else "n/a" for m in args.modes if m != base]
         if "none" in args.modes:
             line += [f"{med[m] / med['none']:.3f}" for m in args.modes if m != "none"]
         table.append(line)
@@ -737,6 +747,20 @@ def cmd_gemm(args, d):
             f"(the best copy bandwidth, this run)"), table, rows
 
 
+def graph_ms(step, iters: int, d) -> float | None:
+    """Median ms of step() captured once into a CUDA graph and replayed: the step's GPU time with
+    no host time in it (where the host bounds a step, the difference). None where it cannot be
+    captured (said on rank 0)."""
+    try:
+        graph, _ = engine.capture_graph(step)
+    except RuntimeError as e:
+        say(d, f"    cannot capture it: {str(e).splitlines()[0]}")
+        return None
+    ms = stats(timed(graph.replay, iters))["median"]
+    del graph
+    return ms
+
+
 def graph_us(calls: list, iters: int) -> float:
     """us per call of these callables captured once, in order, into a CUDA graph and replayed."""
     graph, _ = engine.capture_graph(lambda: [c() for c in calls])
@@ -1086,6 +1110,8 @@ def parse_args(argv=None):
                    "nccl,fuse-only,weave,none under torchrun, tp1,tp1-flash,tp1-split,tp1-split-flash on one GPU)")
     m.add_argument("--trace", help="write a Chrome trace of one weave step here, and a PNG timeline beside it")
     m.add_argument("--plot", help="write a PNG of latency vs tokens, one line per mode")
+    m.add_argument("--graph", action="store_true", help="also time each mode's step replayed from a CUDA graph, "
+                   "captured once per figure: its GPU time without the host's (where the host bounds a step)")
     m.add_argument("--profile", action="store_true", help="also profile one step per figure and mode: GPU ms and "
                    "kernels by class (GEMM, attention, comm point, copy/index, elementwise), span, idle time and the "
                    "host's time to issue the step")

@@ -6,7 +6,8 @@
 #   kernel's virtual ranks among them, alone on the GPU: -n 0). model/tune take MODEL, LAYERS,
 #   TOKENS, SEQS (and model MODES) from the environment; model1 is the prefill on one GPU (the
 #   attention paths); split the split step against the whole one on one GPU, every shape, with its
-#   profile (TOKENS, ITERS); ceiling what one SM can copy (the comm kernel's bound on one GPU);
+#   profile and replayed from CUDA graphs (TOKENS, ITERS); ceiling what one SM can copy (the comm
+#   kernel's bound on one GPU);
 #   decode (with a per-kernel profile), attention (the decode attention kernel alone), gemm (a
 #   decode step's GEMMs alone) and serve take MODEL (default llama-3.1-8b there), and serve
 #   WORKLOADS, BUDGETS, ITERS (it profiles each run by kind of step); e2e writes an 8B-shaped
@@ -40,7 +41,7 @@ for step in "$@"; do
             for m in llama-3.1-8b llama-3.3-70b qwen2.5-72b mixtral-8x22b; do
               layers=$([ $m = llama-3.1-8b ] && echo 32 || echo 8)
               run python3 bench.py model --model $m --layers $layers --tokens "$TOKENS" --seqs 1,4 --iters "${ITERS:-10}" \
-                --modes tp1,tp1-split,tp1-split-nocarve --profile --out "$OUT/split-$m.json" 2>&1 | quiet | tee -a "$OUT/split.log"
+                --modes tp1,tp1-split,tp1-split-nocarve --profile --graph --out "$OUT/split-$m.json" 2>&1 | quiet | tee -a "$OUT/split.log"
             done ;;
     ceiling) run python3 docs/sm_ceiling.py 2>&1 | grep -v "^W" | tee "$OUT/ceiling.log" ;;
     tune)   run launch bench.py tune --model "${MODEL:-llama-3.3-70b}" --layers "$LAYERS" --tokens "$TOKENS" \
