@@ -826,13 +826,12 @@ def cmd_serve(args, d):
                     ref = prefill_rate(llm, d)
                 say(d, f"  reference: {ref[0]}-token prefill at {ref[1]:.1f} TFLOP/s{clocks_text(ref_clocks)}")
             prompts, out_len = workload(spec, llm.model.cfg.vocab)
-            row = serve_runs(llm, d, prompts, out_len, args.iters, budget, ref[1])
-            steps, wall = row.pop("last")
+            row, steps = serve_runs(llm, d, prompts, out_len, args.iters, budget, ref[1])
             if args.profile:
                 gbps = gbps or copy_bandwidth(d)
-                kinds = served_kinds(steps, wall, budget, ref[1], gbps, llm.model.cache_bytes(1))
+                kinds = served_kinds(steps, budget, ref[1], gbps, llm.model.cache_bytes(1))
                 say(d, f"  {what}, the last warm run by kind of step:\n" +
-                    kinds_text(kinds, gbps, ref[1]))
+                    kinds_text(kinds, row["last_wall_s"], gbps, ref[1]))
                 prof = served_profile(llm, kinds) if d.device.type == "cuda" else {}
                 if prof:
                     say(d, "  each kind's median step replayed, GPU ms (kernels) by class:\n" + classes_text(prof) +
@@ -841,7 +840,7 @@ def cmd_serve(args, d):
                 row["by_kind"] = {kind: {key: v for key, v in k.items() if key != "median"} |
                                   {"median_ms": k["median"].seconds * 1e3, "median_seqs": len(k["median"].spans),
                                    "median_prompt": k["median"].prompt} | {"profile": prof.get(kind)}
-                                  for kind, k in kinds.items() if kind != "wall_s"}
+                                  for kind, k in kinds.items()}
         rows.append({"workload": spec, "budget": budget, "max_seqs": seqs, "mode": mode, **row})
         table.append([spec, budget, seqs, mode, f"{row['setup_s']:.1f}", f"{row['first']:.1f}", fmt_rate(row["output"]),
                       fmt_rate(row["total"]), f"{row['heavy_tflops']:.1f} ({100 * row['heavy_tflops'] / ref[1]:.0f}%)",
@@ -866,7 +865,8 @@ class Served(typing.NamedTuple):
         return sum(s.start + s.n for s in self.spans)
 
 
-def serve_runs(llm, d, prompts, out_len: int, iters: int, budget: int, ref_tflops: float) -> dict:
+def serve_runs(llm, d, prompts, out_len: int, iters: int, budget: int, ref_tflops: float) -> tuple:
+    """(the row of figures, [Served] of the last warm run)."""
     flops = step_flops(llm.model)
     sync()
     t0 = time.perf_counter()
@@ -895,7 +895,7 @@ def serve_runs(llm, d, prompts, out_len: int, iters: int, budget: int, ref_tflop
             "total": stats([r[1] for r in warm]), "ref_tflops": ref_tflops,
             "heavy_tflops": sum(st.flops for st in heavy) / max(sum(st.seconds for st in heavy), 1e-9) / 1e12,
             "decode_ms": dec[0], "decode_batch": dec[1], "running": sum(len(st.spans) for st in steps) / max(len(steps), 1),
-            "steps": len(steps), "kv_rows": llm.engine.rows, "last_wall_s": wall, "clocks": clocks, "last": (steps, wall)}
+            "steps": len(steps), "kv_rows": llm.engine.rows, "last_wall_s": wall, "clocks": clocks}, steps
 
 
 STEP_KINDS = {"prefill-heavy": lambda prompt, budget: prompt >= budget / 2,
@@ -903,7 +903,7 @@ STEP_KINDS = {"prefill-heavy": lambda prompt, budget: prompt >= budget / 2,
               "decode-only": lambda prompt, budget: prompt == 0}
 
 
-def served_kinds(steps: list, wall: float, budget: int, ref_tflops: float, gbps: float, kv_row_bytes: int) -> dict:
+def served_kinds(steps: list, budget: int, ref_tflops: float, gbps: float, kv_row_bytes: int) -> dict:
     """Where a served run's time went, by kind of step (STEP_KINDS): the steps, their seconds and
     share of the run's wall time, and their floor: the FLOPs at the reference prefill's rate plus
     the KV cache their attention reads (every key once) at the copy bandwidth."""
@@ -915,7 +915,7 @@ def served_kinds(steps: list, wall: float, budget: int, ref_tflops: float, gbps:
             kv_s = sum(st.kv_rows for st in mine) * kv_row_bytes / gbps / 1e9
             out[kind] = {"steps": len(mine), "s": sum(st.seconds for st in mine), "flop_floor_s": flop_s,
                          "kv_floor_s": kv_s, "median": sorted(mine, key=lambda st: st.seconds)[len(mine) // 2]}
-    return out | {"wall_s": wall}
+    return out
 
 
 def served_profile(llm, kinds: dict) -> dict:
@@ -924,14 +924,13 @@ def served_profile(llm, kinds: dict) -> dict:
     each) and back to back (10 enqueued, then one wait: as a run enqueues them)."""
     runner, out = llm.engine.runner, {}
     for kind, k in kinds.items():
-        if kind != "wall_s":
-            spans = k["median"].spans
-            fn = functools.partial(runner.step, spans, [0] * sum(s.n for s in spans), list(range(len(spans))),
-                                   engine.Sampling())
-            ks = gpu_kernels(fn, 1)
-            out[kind] = kernel_classes(ks) | {"top": top_kernels(ks, 6), "host_ms": issue_ms(fn),
-                                              "alone_ms": stats(timed(fn, 5, warmup=1))["median"],
-                                              "back_to_back_ms": back_to_back_ms(fn, 10)}
+        spans = k["median"].spans
+        fn = functools.partial(runner.step, spans, [0] * sum(s.n for s in spans), list(range(len(spans))),
+                               engine.Sampling())
+        ks = gpu_kernels(fn, 1)
+        out[kind] = kernel_classes(ks) | {"top": top_kernels(ks, 6), "host_ms": issue_ms(fn),
+                                          "alone_ms": stats(timed(fn, 5, warmup=1))["median"],
+                                          "back_to_back_ms": back_to_back_ms(fn, 10)}
     return out
 
 
@@ -955,13 +954,12 @@ def back_to_back_ms(fn, n: int) -> float:
     return (time.perf_counter() - t0) * 1e3 / n
 
 
-def kinds_text(kinds: dict, gbps: float, ref_tflops: float) -> str:
-    wall = kinds["wall_s"]
+def kinds_text(kinds: dict, wall: float, gbps: float, ref_tflops: float) -> str:
     return "\n".join(f"    {kind:>13}: {k['steps']} steps, {k['s']:.2f} s ({100 * k['s'] / wall:.0f}% of {wall:.2f} s); "
                      f"floor {k['flop_floor_s'] + k['kv_floor_s']:.2f} s = FLOPs {k['flop_floor_s']:.2f} at "
                      f"{ref_tflops:.0f} TFLOP/s + KV reads {k['kv_floor_s']:.2f} at {gbps:.0f} GB/s; median step "
                      f"{k['median'].seconds * 1e3:.2f} ms ({len(k['median'].spans)} seqs, {k['median'].prompt} prompt tokens)"
-                     for kind, k in kinds.items() if kind != "wall_s")
+                     for kind, k in kinds.items())
 
 
 def prefill_rate(llm, d):

@@ -824,7 +824,7 @@ def test_bench_serve_by_kind_on_cpu(demo, capsys):
     spans = [bench.Span(0, 12, 1), bench.Span(20, 15, 1), bench.Span(40, 0, 16)]
     st = bench.Served(flops=1e12, prompt=16, spans=spans, seconds=0.5)
     assert st.kv_rows == 13 + 16 + 16
-    kinds = bench.served_kinds([st, st._replace(prompt=0, spans=spans[:2])], 2.0, 16, 1.0, 1.0, 1000)
+    kinds = bench.served_kinds([st, st._replace(prompt=0, spans=spans[:2])], 16, 1.0, 1.0, 1000)
     assert kinds["prefill-heavy"]["steps"] == 1 and kinds["decode-only"]["kv_floor_s"] == 29 * 1000 / 1e9
     assert "mixed" not in kinds and kinds["prefill-heavy"]["flop_floor_s"] == 1.0
     # The GPU's clock in the runs: none on the CPU; from nvidia-smi, the busy samples' medians.
