@@ -156,30 +156,47 @@ def plan(kinds: list, halves: int, tuning: Tuning, T: int) -> list:
 
 class Streams:
     """Compute on the current stream, communication on a high-priority side stream (CUDA); on CPU
-    both run inline, so the same schedule runs sequentially."""
+    both run inline, so the same schedule runs sequentially. The events are made once and recorded
+    again at every comm point: a wait takes the event's latest record when it is issued, and each
+    half's done-event is waited for before its next comm point records it again. A split step
+    crosses streams at every half-stage, so this runs ~130 times a step of 32 layers: it uses
+    torch's thin stream calls, not its context manager or a new event each time."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
         self.side = torch.cuda.Stream(device, priority=-1) if self.cuda else None
+        self.main = None                      # the compute stream of the step in flight (begin)
+        if self.cuda:
+            self.fork, self.done = torch.cuda.Event(), [torch.cuda.Event(), torch.cuda.Event()]
         self.carved, self.saved = 0, None     # SMs the GEMMs leave free now; torch's settings before
 
-    def comm(self, fn):
-        """Run fn on the side stream after all compute issued so far; returns its done-event."""
+    def begin(self):
+        """A split step starts on the current stream (a graph capture's, say): compute stays there."""
+        if self.cuda:
+            self.main = torch.cuda.current_stream()
+
+    def comm(self, fn, half: int):
+        """Run fn on the side stream after all compute issued so far; returns half's done-event."""
         if not self.cuda:
             fn()
             return None
-        self.side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(self.side):
+        self.fork.record(self.main)
+        self.side.wait_event(self.fork)
+        torch.cuda.set_stream(self.side)
+        try:
             fn()
-        return self.side.record_event()
+        finally:
+            torch.cuda.set_stream(self.main)
+        self.done[half].record(self.side)
+        return self.done[half]
 
     def wait(self, event):
         if event is not None:
-            torch.cuda.current_stream().wait_event(event)
+            self.main.wait_event(event)
 
     def join(self):
         if self.cuda:
-            torch.cuda.current_stream().wait_stream(self.side)
+            self.main.wait_stream(self.side)
 
     def carve(self, sms: int):
         """GEMMs launched from here on run on all SMs but `sms` (0: all, torch's own settings again).
@@ -248,18 +265,21 @@ class Weaver:
             buf[half.T:].zero_()          # padding rows stay zero through every stage: inert
         residuals = [self.comm.new_residual(m) for m in n]
         done = [None] * len(halves)
+        xs = [buf[:half.T] for half, buf in zip(halves, bufs)]
+        if len(halves) == 2:
+            self.streams.begin()
         try:
             for k, (_, stage, norm) in enumerate(self.stages):
                 for i, half in enumerate(halves):
                     self.streams.wait(done[i])                # this half's x is ready
                     self.streams.carve(plans[k][i].carveout)
-                    stage(bufs[i][:half.T], half)             # x -> this rank's partial, in place
+                    stage(xs[i], half)                        # x -> this rank's partial, in place
                     point = functools.partial(self.comm, i, n[i], residuals[i], norm.weight, norm.eps,
                                               plans[k][i].ctas)
                     if len(halves) == 1:
                         point()                               # nothing to overlap: stay on this stream
                     else:
-                        done[i] = self.streams.comm(point)
+                        done[i] = self.streams.comm(point, i)
         finally:
             self.streams.carve(0)
         if len(halves) == 2:
