@@ -9,7 +9,7 @@ stays the plain reference model, and the tokens are the same either way (test_fa
                       write in its epilogue)
     cublaslt          cuBLASLt (addmm with a zero bias)    cuBLAS's split-K + reduce    row-parallel GEMMs of 32-96 tokens
     decode_attention  decode_ops.cu's decode attention     FlashAttention               head dim 128, <= 8 query heads a KV head
-    cudnn             cuDNN attention                      FlashAttention               one span of >= 1024 tokens in a step
+    cudnn             cuDNN attention                      FlashAttention               one span of >= 512 tokens in a step
     elementwise       one kernel for RoPE + cache write,   torch's several              any step
                       one for SwiGLU's activation
     argmax            decode_ops.cu's argmax               torch's argmax               greedy sampling
@@ -30,9 +30,9 @@ from batch import Batch
 
 PATHS = ("gemv", "cublaslt", "decode_attention", "cudnn", "elementwise", "argmax")
 LT_TOKENS = range(32, 97)     # cublaslt: where cuBLAS picks a split-K pass plus a reduce for o_proj and down
-# cudnn: whole steps of one 1024- and 2048-token span ran 6% faster with cuDNN's attention than FlashAttention's
-# (8B shape, H100), and a weave half needs it to match its whole step; cuDNN plans per new shape (ms)
-CUDNN_MIN_TOKENS = 1024
+# cudnn: whole steps of one span of 512-2048 tokens ran 1-6% faster with cuDNN's attention than FlashAttention's
+# (8B and 70B shapes, H100), and a weave half needs it to match its whole step; cuDNN plans per new shape (ms)
+CUDNN_MIN_TOKENS = 512
 
 
 def enable(model, paths=PATHS) -> bool:
