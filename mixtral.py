@@ -85,7 +85,10 @@ class MoE(nn.Module):
 
 class Transformer(llama.Transformer):
     MLP = MoE
-    weave_threshold = 2048   # TokenWeave's: an expert sees k/E of a half's tokens, so small steps don't pay a split
+    # Each half's grouped GEMMs read every expert's weights again: below 8K tokens that costs a step 12-42% on
+    # one GPU, as much as or more than all the communication a split could hide at TP 4 (11-13% of a step).
+    # TokenWeave's own threshold is 2K.
+    weave_threshold = 8192
 
     def __init__(self, cfg: Config, d: Dist):
         super().__init__(cfg, d)

@@ -261,9 +261,9 @@ def test_tuning_files(tmp_path):
     # What the tuner saves is what load reads.
     t.save(str(tmp_path / "saved.json"), model="x")
     assert weave.Tuning.load(str(tmp_path / "saved.json")) == t
-    # No file, or none set in it: the threshold is the model's (Mixtral's 2048 must reach the Weaver).
+    # No file, or none set in it: the threshold is the model's (Mixtral's 8192 must reach the Weaver).
     assert weave.Tuning.load(str(tmp_path / "absent.json")).threshold is None
-    assert mixtral.Transformer.weave_threshold == 2048
+    assert mixtral.Transformer.weave_threshold == 8192
     with pytest.raises(group.UserError, match="absent.json does not exist"):
         weave.Tuning.load(str(tmp_path / "absent.json"), required=True)
     for text, says in [("{not json", "t.json is not a table"), ('{"threshold": "big"}', "threshold is 'big', not an integer"),
@@ -389,5 +389,5 @@ def test_family_presets_full_shapes():
     model = models.build(mixtral.Transformer, m, meta, torch.bfloat16)
     moe = model.layers[0].mlp
     assert moe.router.shape == (8, 6144) and moe.w13.shape == (8, 8192, 6144) and moe.w2.shape == (8, 6144, 4096)
-    assert model.weave_threshold == 2048 and model.gemm_widths[2:] == [2 * 4096 * 2, 6144 * 2]
+    assert model.weave_threshold == 8192 and model.gemm_widths[2:] == [2 * 4096 * 2, 6144 * 2]
     assert abs(weave.wave_split(8192, model.gemm_widths) - 4096) <= 2 * weave.GEMM_TILE_M
