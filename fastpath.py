@@ -31,7 +31,7 @@ from batch import Batch
 PATHS = ("gemv", "cublaslt", "decode_attention", "cudnn", "elementwise", "argmax")
 LT_TOKENS = range(32, 97)     # cublaslt: where cuBLAS picks a split-K pass plus a reduce for o_proj and down
 # cudnn: whole steps of one span of 512-2048 tokens ran 1-6% faster with cuDNN's attention than FlashAttention's
-# (8B and 70B shapes, H100), and a weave half needs it to match its whole step; cuDNN plans per new shape (ms)
+# (8B and 70B shapes, H100), and a weave half takes the path its whole step takes; cuDNN plans per new shape (ms)
 CUDNN_MIN_TOKENS = 512
 
 
