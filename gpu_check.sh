@@ -7,7 +7,7 @@
 #   TOKENS, SEQS (and model MODES) from the environment; model1 is the prefill on one GPU (the
 #   attention paths); split the split step against the whole one on one GPU, every shape, with its
 #   profile and replayed from CUDA graphs (TOKENS, ITERS); ceiling what one SM can copy (the comm
-#   kernel's bound on one GPU);
+#   kernel's bound on one GPU; with 2+ GPUs also over NVLink to a peer's memory);
 #   decode (with a per-kernel profile), attention (the decode attention kernel alone), gemm (a
 #   decode step's GEMMs alone) and serve take MODEL (default llama-3.1-8b there), and serve
 #   WORKLOADS, BUDGETS, ITERS (it profiles each run by kind of step); e2e writes an 8B-shaped
@@ -43,7 +43,8 @@ for step in "$@"; do
               run python3 bench.py model --model $m --layers $layers --tokens "$TOKENS" --seqs 1,4 --iters "${ITERS:-10}" \
                 --modes tp1,tp1-split,tp1-split-nocarve --profile --graph --out "$OUT/split-$m.json" 2>&1 | quiet | tee -a "$OUT/split.log"
             done ;;
-    ceiling) run python3 docs/sm_ceiling.py 2>&1 | grep -v "^W" | tee "$OUT/ceiling.log" ;;
+    ceiling) run python3 docs/sm_ceiling.py 2>&1 | grep -v "^W" | tee "$OUT/ceiling.log"
+            [ "$NPROC" -gt 1 ] && run python3 docs/sm_ceiling.py --peer 1 2>&1 | grep -v "^W" | tee -a "$OUT/ceiling.log" ;;
     tune)   run launch bench.py tune --model "${MODEL:-llama-3.3-70b}" --layers "$LAYERS" --tokens "$TOKENS" \
               --out "$OUT/tune.json" 2>&1 | quiet | tee "$OUT/tune.log"; cp configs/*.json "$OUT/" 2>/dev/null ;;
     decode) run launch bench.py decode --model "${MODEL:-llama-3.1-8b}" --iters "${ITERS:-20}" --profile --out "$OUT/decode-tp$NPROC.json" 2>&1 | quiet | tee "$OUT/decode.log" ;;

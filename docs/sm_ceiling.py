@@ -8,8 +8,13 @@ back) its bytes; GB/s a CTA (read + written), the best of 5. Three ways to move 
   bulk in   bulk copies in as above, 512 threads read the stage and store it with st.global (what a
             comm kernel that sums and normalizes its rows would do), then free it for the next copy.
 
-    python docs/sm_ceiling.py          (a CUDA GPU; compiles for sm_90a)
+With --peer P the bytes live on GPU P and GPU 0's SMs move them over NVLink (peer access, no
+multicast): what a comm-kernel CTA can read from and write to its peers, by either way.
+
+    python docs/sm_ceiling.py [--peer 1]          (a CUDA GPU, two for --peer; compiles for sm_90a)
 """
+import argparse
+
 import torch
 from torch.utils.cpp_extension import load_inline
 
@@ -153,6 +158,12 @@ void run_mode(const char* A, char* B, long n, int ctas, const std::string& how) 
   else if (MODE == COPY && how == "bulk in 32 KB x 6") start(bulk_in<32768, 6>, ctas, 544, 32768 * 6, A, B, per);
   else TORCH_CHECK(false, "no such way: ", how);
 }
+// This GPU's kernels may read and write GPU `peer`'s memory (over NVLink where there is one).
+void enable_peer(int64_t peer) {
+  const cudaError_t err = cudaDeviceEnablePeerAccess(peer, 0);
+  if (err == cudaErrorPeerAccessAlreadyEnabled) cudaGetLastError();
+  else TORCH_CHECK(err == cudaSuccess, "peer access to GPU ", peer, ": ", cudaGetErrorString(err));
+}
 void run(torch::Tensor a, torch::Tensor b, int64_t ctas, std::string how, int64_t mode) {
   const auto A = (const char*)a.data_ptr();
   auto B = (char*)b.data_ptr();
@@ -164,10 +175,22 @@ void run(torch::Tensor a, torch::Tensor b, int64_t ctas, std::string how, int64_
 }
 """
 
-ext = load_inline("sm_ceiling", cuda_sources=SOURCE, functions=["run"],
-                  cpp_sources="void run(torch::Tensor a, torch::Tensor b, int64_t ctas, std::string how, int64_t mode);",
+p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+p.add_argument("--peer", type=int, default=None, help="keep the bytes on this GPU; GPU 0's SMs move them")
+args = p.parse_args()
+ext = load_inline("sm_ceiling", cuda_sources=SOURCE, functions=["run", "enable_peer"],
+                  cpp_sources="void run(torch::Tensor a, torch::Tensor b, int64_t ctas, std::string how, int64_t mode);\n"
+                              "void enable_peer(int64_t peer);",
                   extra_cuda_cflags=["-O3", "-gencode=arch=compute_90a,code=sm_90a"])
-a = torch.empty(512 << 20, dtype=torch.uint8, device="cuda")
+torch.cuda.set_device(0)
+where = torch.device("cuda", 0)
+if args.peer is not None:
+    if not 0 < args.peer < torch.cuda.device_count() or not torch.cuda.can_device_access_peer(0, args.peer):
+        p.error(f"--peer {args.peer}: GPU 0 cannot reach that GPU's memory ({torch.cuda.device_count()} GPUs here)")
+    ext.enable_peer(args.peer)
+    where = torch.device("cuda", args.peer)
+    print(f"bytes on GPU {args.peer}, moved by GPU 0's SMs")
+a = torch.empty(512 << 20, dtype=torch.uint8, device=where)
 b = torch.empty_like(a)
 WAYS = ["threads 4", "threads 16", "bulk 8 KB x 24", "bulk 32 KB x 6", "bulk 4 x 8 KB x 6"]
 
@@ -194,7 +217,9 @@ for mode, what in enumerate(("read", "write", "copy")):
         print(f"{what:5} {how:18} GB/s a CTA: {rates(how, mode)}", flush=True)
 # Every way of copying, checked once: it copies.
 for how in WAYS + ["bulk in 16 KB x 12", "bulk in 32 KB x 6"]:
-    x = torch.randint(0, 255, (64 << 20,), dtype=torch.uint8, device="cuda")
+    x = torch.randint(0, 255, (64 << 20,), dtype=torch.uint8, device=where)
     y = torch.zeros_like(x)
+    torch.cuda.synchronize(where)          # made on the peer's stream, read from GPU 0's
     ext.run(x, y, 1, how, 2)
+    torch.cuda.synchronize(0)
     assert torch.equal(x, y), how
