@@ -3,7 +3,10 @@ prompt's greedy tokens under continuous batching equal to running it alone (TP 1
 gloo), and on CUDA the model's attention against the per-span reference and graph-replayed decode
 against eager steps. Run: pytest -q test_engine.py"""
 import itertools
+import os
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -505,6 +508,18 @@ def test_preset_too_large_for_the_host_fails_at_once(monkeypatch):
     assert "llama-3.3-70b needs 262.8 GiB for its weights (float32) on each of 1 rank" in str(e.value)
     assert "use more GPUs" in str(e.value)
 
+
+
+def test_sizing_a_model_imports_nothing_heavy():
+    """Counting a model's weights builds it on the meta device before anything loads; torch's meta
+    arange is Python that imports sympy and more (~1.5 s here, 4-5 s on a machine with cold caches).
+    A fresh process: this one may have imported them already."""
+    code = ("import sys, torch, models; from group import Dist; module, cfg = models.config('llama-3.1-8b'); "
+            "models.weight_bytes(module, cfg, Dist(), torch.bfloat16); "
+            "print(sorted(m for m in ('sympy', 'torch.distributed.fsdp') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.abspath(__file__))).stdout
+    assert out.strip() == "[]"
 
 def one_rank_fails(d):
     """A run_tp job: rank 1 alone fails inside agree; every rank gets the same error."""
