@@ -210,7 +210,7 @@ def rope_inv_freq(cfg: Config) -> torch.Tensor:
 def rope_table(cfg: Config, max_len: int, dtype, device) -> torch.Tensor:
     """(max_len, 2, hd): cos and sin of every position's angles, computed in fp32 and cast to the
     model's dtype as transformers does; a step gathers its rows once per layer by position."""
-    if device.type == "meta":   # shapes only (models.weight_bytes): torch's meta arange imports sympy (seconds)
+    if device.type == "meta":   # shapes only (sizing a model): torch's meta arange imports sympy (seconds)
         return torch.empty(max_len, 2, cfg.head_dim, dtype=dtype, device=device)
     angles = torch.arange(max_len, device=device, dtype=torch.float)[:, None] * rope_inv_freq(cfg).to(device)
     angles = torch.cat((angles, angles), dim=-1)                              # (max_len, hd)
