@@ -9,7 +9,8 @@ stays the plain reference model, and the tokens are the same either way (test_fa
                       write in its epilogue)
     cublaslt          cuBLASLt (addmm with a zero bias)    cuBLAS's split-K + reduce    row-parallel GEMMs of 32-96 tokens
     decode_attention  decode_ops.cu's decode attention     FlashAttention               head dim 128, <= 8 query heads a KV head
-    cudnn             cuDNN attention                      FlashAttention               one span of >= 512 tokens in a step
+    cudnn             cuDNN attention                      FlashAttention               one span in a step, of >= 512 tokens
+                                                                                        (>= 768 after a prefix)
     elementwise       one kernel for RoPE + cache write,   torch's several              any step
                       one for SwiGLU's activation
     argmax            decode_ops.cu's argmax               torch's argmax               greedy sampling
@@ -31,8 +32,10 @@ from batch import Batch
 PATHS = ("gemv", "cublaslt", "decode_attention", "cudnn", "elementwise", "argmax")
 LT_TOKENS = range(32, 97)     # cublaslt: where cuBLAS picks a split-K pass plus a reduce for o_proj and down
 # cudnn: whole steps of one span of 512-2048 tokens ran 1-6% faster with cuDNN's attention than FlashAttention's
-# (8B and 70B shapes, H100), and a weave half takes the path its whole step takes; cuDNN plans per new shape (ms)
-CUDNN_MIN_TOKENS = 512
+# (8B and 70B shapes, H100); cuDNN plans per new shape (ms). After a prefix it takes two calls and a merge,
+# ~150 us of host time against FlashAttention's ~40: a 512-token weave half gained nothing on the GPU for it,
+# an 896-token one ~1 ms a 32-layer step (8B, H100)
+CUDNN_MIN_TOKENS, CUDNN_MIN_AFTER_PREFIX = 512, 768
 
 
 def enable(model, paths=PATHS) -> bool:
@@ -126,7 +129,8 @@ class Attention(llama.Attention):
         return qkv[:, :nh * hd].view(T, nh, hd)                               # rotated in place
 
     def attend(self, q, batch: Batch):
-        if self.cudnn and len(batch.spans) == 1 and batch.T >= CUDNN_MIN_TOKENS:
+        if self.cudnn and len(batch.spans) == 1 and \
+                batch.T >= (CUDNN_MIN_AFTER_PREFIX if batch.spans[0].start else CUDNN_MIN_TOKENS):
             return self.attend_cudnn(q, batch.spans[0])
         return super().attend(q, batch)
 
