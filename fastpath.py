@@ -33,8 +33,7 @@ PATHS = ("gemv", "cublaslt", "decode_attention", "cudnn", "elementwise", "argmax
 LT_TOKENS = range(32, 97)     # cublaslt: where cuBLAS picks a split-K pass plus a reduce for o_proj and down
 # cudnn: whole steps of one span of 512-2048 tokens ran 1-6% faster with cuDNN's attention than FlashAttention's
 # (8B and 70B shapes, H100); cuDNN plans per new shape (ms). After a prefix it takes two calls and a merge,
-# ~150 us of host time against FlashAttention's ~40: a 512-token weave half gained nothing on the GPU for it,
-# an 896-token one ~1 ms a 32-layer step (8B, H100)
+# ~150 us of host time against FlashAttention's ~40, which the GPU repays only from several hundred tokens
 CUDNN_MIN_TOKENS, CUDNN_MIN_AFTER_PREFIX = 512, 768
 
 

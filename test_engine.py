@@ -509,17 +509,20 @@ def test_preset_too_large_for_the_host_fails_at_once(monkeypatch):
     assert "use more GPUs" in str(e.value)
 
 
-
 def test_sizing_a_model_imports_nothing_heavy():
     """Counting a model's weights builds it on the meta device before anything loads; torch's meta
-    arange is Python that imports sympy and more (~1.5 s here, 4-5 s on a machine with cold caches).
-    A fresh process: this one may have imported them already."""
+    arange is Python that imports sympy and more (~1.5 s on a CPU machine, 4-5 s on a GPU machine with
+    cold caches). A fresh process: this one may have imported them already."""
+    here = os.path.dirname(os.path.abspath(__file__))
     code = ("import sys, torch, models; from group import Dist; module, cfg = models.config('llama-3.1-8b'); "
-            "models.weight_bytes(module, cfg, Dist(), torch.bfloat16); "
-            "print(sorted(m for m in ('sympy', 'torch.distributed.fsdp') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=os.path.dirname(os.path.abspath(__file__))).stdout
-    assert out.strip() == "[]"
+            "before = set(sys.modules); models.weight_bytes(module, cfg, Dist(), torch.bfloat16); "
+            "print(sorted(m for m in ('sympy', 'torch.fx.experimental.symbolic_shapes', 'torch.distributed.fsdp') "
+            "if m in set(sys.modules) - before))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=here,
+                       env={**os.environ, "PYTHONPATH": here})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
+
 
 def one_rank_fails(d):
     """A run_tp job: rank 1 alone fails inside agree; every rank gets the same error."""

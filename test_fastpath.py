@@ -316,6 +316,23 @@ def test_enable_swaps_modules_in_place_and_back(monkeypatch):
     assert {name: type(m) for name, m in model.named_modules()} == plain
 
 
+
+@pytest.mark.parametrize("spans,path", [([(0, 511)], "flash"), ([(0, 512)], "cudnn"), ([(512, 767)], "flash"),
+                                        ([(512, 768)], "cudnn"), ([(0, 600), (0, 600)], "flash")])
+def test_cudnn_takes_a_lone_span_from_its_thresholds(spans, path, monkeypatch):
+    """Which attention a step takes with the cudnn path on: a lone span from CUDNN_MIN_TOKENS from
+    its start, from CUDNN_MIN_AFTER_PREFIX after a prefix (two calls and a merge), else FlashAttention."""
+    model = tiny_model(torch.bfloat16)
+    stub = type("Ext", (), {"limits": {"gemv_max_m": 8, "decode_head_dim": 128, "decode_max_group": 8}})()
+    monkeypatch.setattr(build_ext, "try_load", lambda which, *a: stub if which == "decode" else None)
+    monkeypatch.setattr(fastpath, "cudnn_works", lambda *a: "")
+    assert fastpath.enable(model, paths=("cudnn",))
+    monkeypatch.setattr(fastpath.Attention, "attend_cudnn", lambda self, q, span: "cudnn")
+    monkeypatch.setattr(llama.Attention, "attend", lambda self, q, batch: "flash")
+    layout = [Span(1000 * i, start, n) for i, (start, n) in enumerate(spans)]
+    batch = Batch.make(layout, [0] * sum(n for _, n in spans), "cpu")
+    assert model.layers[0].attn.attend(None, batch) == path
+
 def teacher_forced(model, steps, feed=None):
     """(logits of every step, the tokens each step ran), over a fresh cache: a prompt's tokens drawn
     from a fixed stream, a decode token the greedy choice for that sequence in the step before; or,
