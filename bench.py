@@ -95,15 +95,18 @@ def timed(fn, iters: int, warmup: int = 3) -> list:
     return out
 
 
-def issue_ms(fn) -> float:
-    """ms the host takes to issue one call of fn to the GPU (from an idle GPU; a full launch queue
-    would block it too): where it is close to the GPU's time, the host bounds the step."""
+def issue_ms(fn, iters: int = 5) -> float:
+    """ms the host takes to issue one call of fn to the GPU, the median of iters calls each from an
+    idle GPU (a full launch queue would block it too; single calls scatter): where it is close to
+    the GPU's time, the host bounds the step."""
+    out = []
+    for _ in range(iters):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - t0) * 1e3)
     sync()
-    t0 = time.perf_counter()
-    fn()
-    ms = (time.perf_counter() - t0) * 1e3
-    sync()
-    return ms
+    return stats(out)["median"]
 
 
 @contextlib.contextmanager
