@@ -549,6 +549,7 @@ class LLM:
     model: a checkpoint directory, a hub id, a preset name (random weights; token-id prompts only)
     or None (the demo). tokenizer: this model's models.Tokenizer if the caller has loaded it already.
     fast: the one-GPU fast path's kernels (fastpath.py) where they can run; off, the plain model.
+    max_seqs: sequences generated at once, at most; None: 256, or max_step_tokens if that is lower.
     max_step_tokens: the step's token budget; None: default_step_budget (8192 on one GPU, 2048 at TP > 1),
     or what max_seqs sequences of the model's context can bring to a step if that is less.
     Every option is checked here, and a bad one raises UserError naming it. The model, the comm
@@ -557,13 +558,14 @@ class LLM:
     """
 
     def __init__(self, model: str | None = None, *, comm: str = "auto", weave: str = "auto",
-                 graphs: str = "auto", tuning=None, max_seqs: int = 256, max_step_tokens: int | None = None,
+                 graphs: str = "auto", tuning=None, max_seqs: int | None = None, max_step_tokens: int | None = None,
                  memory: float = 0.9, device: str = "auto", dtype: torch.dtype | None = None,
                  layers: int | None = None, dist=None, log=None, tokenizer=None, fast: bool = True):
         self.engine = None
         if model is not None:
             option("model", model, str, want="a checkpoint directory, a hub id, a preset name or None")
-        option("max_seqs", max_seqs, int, lambda v: v >= 1, "an integer >= 1")
+        if max_seqs is not None:
+            option("max_seqs", max_seqs, int, lambda v: v >= 1, "an integer >= 1 or None")
         if max_step_tokens is not None:
             option("max_step_tokens", max_step_tokens, int, lambda v: v >= 1, "an integer >= 1 or None")
         option("memory", memory, float, lambda v: 0 < v <= 1, "a fraction in (0, 1]")
@@ -590,6 +592,7 @@ class LLM:
         check_comm(comm, self.d, dtype, cfg.hidden)                     # before minutes of loading
         if not isinstance(tuning, Tuning):
             tuning = Tuning.load(tuning or tuning_path(cfg, self.d.world), required=tuning is not None)
+        max_seqs = max_seqs or min(256, max_step_tokens or 256)
         max_step_tokens = max_step_tokens or min(default_step_budget(self.d.world), max_seqs * cfg.max_positions)
         Scheduler.check_limits(max_seqs, max_step_tokens)
         check_step_budget(max_step_tokens, max_seqs, cfg, dtype, self.d)

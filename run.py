@@ -133,9 +133,7 @@ def parse_args(argv=None):
                          "benchmark mode (bench.py); use --comm auto")
     if args.weave is None:
         args.weave = "on" if args.model is None else "auto"
-    if args.max_seqs is None:
-        args.max_seqs = min(256, args.max_step_tokens or 256)
-    if args.max_step_tokens is not None and args.max_seqs > args.max_step_tokens:
+    if args.max_seqs is not None and args.max_step_tokens is not None and args.max_seqs > args.max_step_tokens:
         raise UsageError(f"--max-seqs ({args.max_seqs}) must not exceed --max-step-tokens ({args.max_step_tokens}): "
                          f"every running sequence decodes one token per step")
     cpu = args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available())

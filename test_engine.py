@@ -447,7 +447,7 @@ def test_bad_arguments_fail_at_the_call(demo_llm, call, says):
 
 
 @pytest.mark.parametrize("kw,says", [
-    (dict(max_seqs=0), "max_seqs must be an integer >= 1, got 0"),
+    (dict(max_seqs=0), "max_seqs must be an integer >= 1 or None, got 0"),
     (dict(max_step_tokens="2048"), "max_step_tokens must be an integer >= 1 or None, got '2048'"),
     (dict(memory=2), "memory must be a fraction in (0, 1], got 2"),
     (dict(graphs="yes"), "graphs must be auto or on or off, got 'yes'"),
@@ -467,7 +467,8 @@ def test_bad_options_fail_before_loading(kw, says, monkeypatch):
 
 def test_default_step_budget(tmp_path):
     """No max_step_tokens: 8192 tokens a step on one GPU (capped by what max_seqs sequences of the
-    model's context can bring), 2048 at TP > 1, where the weave splits the paper's 2048-token steps."""
+    model's context can bring), 2048 at TP > 1, where the weave splits the paper's 2048-token steps.
+    No max_seqs: 256, or the step budget if that is lower (each running sequence decodes a token a step)."""
     path = tmp_path / "demo"
     models.make_demo(str(path))
     assert engine.default_step_budget(1) == 8192 and engine.default_step_budget(2) == engine.default_step_budget(8) == 2048
@@ -475,6 +476,8 @@ def test_default_step_budget(tmp_path):
         assert llm.engine.budget == 8192
     with engine.LLM(str(path), dist=Dist(), max_seqs=3) as llm:
         assert llm.engine.budget == 3 * llm.model.cfg.max_positions < 8192
+    with engine.LLM(str(path), dist=Dist(), max_step_tokens=100) as llm:
+        assert (llm.engine.max_seqs, llm.engine.budget) == (100, 100)
 
 
 def test_closed_llm_says_so(tmp_path):
