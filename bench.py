@@ -54,7 +54,9 @@ MODES = {"nccl": ("nccl", "off", True, True),           # baseline: NCCL all-red
          "tp1-flash": ("auto", "off", True, False),     # ... every attention through FlashAttention's varlen kernel
          "tp1-split": ("auto", "on", True, True),       # ... split in two as the weave does (the second half's
          "tp1-split-flash": ("auto", "on", True, False),  # attention after a prefix), with FlashAttention only,
-         "tp1-split-nocarve": ("auto", "on", False, True)}  # and with the GEMMs on every SM
+         "tp1-split-nocarve": ("auto", "on", False, True),  # and with the GEMMs on every SM,
+         "tp1-split-inline": ("auto", "on", True, True)}    # or each comm point on the compute stream (INLINE)
+INLINE = {"tp1-split-inline"}   # the split's schedule without its stream crossings: what they cost
 NVLINK_GBPS = 450   # H100/H200 NVLink 4, per direction
 
 
@@ -221,6 +223,16 @@ def cudnn_attention(model, on: bool):
             layer.attn.cudnn = c
 
 
+class InlineStreams(weave.Streams):
+    """Each comm point runs on the compute stream where it is issued: no side stream, no events."""
+
+    def comm(self, fn, half: int):
+        fn()
+
+    def join(self):
+        pass
+
+
 def make_weavers(model, d, modes, max_tokens, tuning) -> dict:
     comms, out = {}, {}
     for m in modes:
@@ -228,6 +240,8 @@ def make_weavers(model, d, modes, max_tokens, tuning) -> dict:
         if backend not in comms:
             comms[backend] = comm.make_comm(backend, d, model.cfg.hidden, max_tokens, model.norm.weight.dtype)
         out[m] = weave.Weaver(model, comms[backend], split, dataclasses.replace(tuning, carveout=carveout))
+        if m in INLINE:
+            out[m].streams = InlineStreams(d.device)
     return out
 
 
@@ -237,8 +251,8 @@ def make_weavers(model, d, modes, max_tokens, tuning) -> dict:
 def cmd_model(args, d):
     """Prefill latency by mode: one step of T tokens as --seqs sequences."""
     if bad := [m for m in args.modes if (d.world == 1) != m.startswith("tp1")]:
-        raise UserError(f"modes {', '.join(bad)} do not run at TP {d.world}; at TP 1 use tp1, tp1-flash, tp1-split, "
-                        f"tp1-split-flash, tp1-split-nocarve; under torchrun the others")
+        raise UserError(f"modes {', '.join(bad)} do not run at TP {d.world}; at TP 1 use "
+                        f"{', '.join(m for m in MODES if m.startswith('tp1'))}; under torchrun the others")
     if (args.profile or args.graph) and d.device.type != "cuda":
         raise UserError(f"bench.py model {'--profile' if args.profile else '--graph'} needs a CUDA GPU")
     model = build_model(args, d)
