@@ -183,7 +183,6 @@ def test_corrupt_tokenizer(cli, demo, tmp_path):
     assert f"no tokenizer.json in {path}" in fails(cli, "--model", path)
 
 
-
 def test_tokenizer_file_padding_and_truncation_are_ignored(demo, tmp_path):
     """A tokenizer.json may turn padding or truncation on: the prompts, encoded in one batch, keep
     their own lengths and every token (a prompt too long for the model is the engine's to refuse)."""
@@ -197,6 +196,7 @@ def test_tokenizer_file_padding_and_truncation_are_ignored(demo, tmp_path):
     tok.save(str(path / "tokenizer.json"))
     assert models.Tokenizer(str(path), 10**6).encode(prompts) == want
     assert len(set(map(len, want))) == 3 and min(map(len, want)) < 4 < max(map(len, want))
+
 
 def test_broken_chat_template(cli, demo, tmp_path):
     path = copy_demo(demo, tmp_path)
