@@ -264,6 +264,7 @@ def cmd_model(args, d):
     def run(m, batches, fn=lambda step: timed(step, 1, warmup=0)):
         with cudnn_attention(model, MODES[m][3]):
             return fn(lambda: weavers[m](batches[m]))
+    base = "nccl" if "nccl" in args.modes else args.modes[0]
     rows = []
     for T in args.tokens:
         for n_seqs in args.seqs:
@@ -277,10 +278,14 @@ def cmd_model(args, d):
                     times[m] += run(m, batches)
             split = next((weavers[m].split_at(T) for m in args.modes if MODES[m][1] == "on"), None)
             row = {"tokens": T, "seqs": n_seqs, "split": split} | {m: stats(t) for m, t in times.items()}
+            row["speedup"] = paired(times, base)
             rows.append(row)
             say(d, f"  {T:>6} tokens x {n_seqs} seqs: " + ", ".join(f"{m} {row[m]['median']:.2f}" for m in args.modes))
             if args.graph:
-                row["graph"] = {m: run(m, batches, functools.partial(graph_ms, iters=args.iters, d=d)) for m in args.modes}
+                replays = graph_rounds({m: functools.partial(run, m, batches, lambda step: step()) for m in args.modes},
+                                       args.iters, d)
+                row["graph"] = {m: stats(t)["median"] if t else None for m, t in replays.items()}
+                row["graph_speedup"] = paired(replays, base)
                 say(d, "    replayed from a CUDA graph: " + ", ".join(f"{m} {ms:.2f}" if ms else f"{m} n/a"
                                                                for m, ms in row["graph"].items()))
             if args.profile:
@@ -290,7 +295,6 @@ def cmd_model(args, d):
     if args.trace:
         w = weavers.get("weave") or next(iter(weavers.values()))
         trace(w, w.batch(prefill_spans(max_T, 1), random_tokens(max_T, model.cfg.vocab, 0)), args.trace, d)
-    base = "nccl" if "nccl" in args.modes else args.modes[0]
     head = ["tokens", "seqs", "split"] + [f"{m} ms" for m in args.modes] + [f"{m} speedup" for m in args.modes if m != base]
     if args.graph:
         head += [f"{m} graph ms" for m in args.modes] + [f"{m} graph speedup" for m in args.modes if m != base]
@@ -300,18 +304,18 @@ def cmd_model(args, d):
     for r in rows:
         med = {m: r[m]["median"] for m in args.modes}
         line = [r["tokens"], r["seqs"], r["split"]] + [fmt(r[m]) for m in args.modes]
-        line += [f"{med[base] / med[m]:.3f}x" for m in args.modes if m != base]
+        line += [f"{r['speedup'][m]:.3f}x" for m in args.modes if m != base]
         if args.graph:
-            g = r["graph"]
+            g, up = r["graph"], r["graph_speedup"]
             line += [f"{g[m]:.3f}" if g[m] else "n/a" for m in args.modes]
-            line += [f"{g[base] / g[m]:.3f}x" if g[m] and g[base] else "n/a" for m in args.modes if m != base]
+            line += [f"{up[m]:.3f}x" if up[m] else "n/a" for m in args.modes if m != base]
         if "none" in args.modes:
             line += [f"{med[m] / med['none']:.3f}" for m in args.modes if m != "none"]
         table.append(line)
     if args.plot:
         plot(rows, args.modes, args.plot, args.model)
     title = (f"{args.model} ({model.cfg.n_layers} layers), TP {d.world}, prefill latency in ms: median "
-             f"(p10-p90) of {args.iters}; speedup over {base}")
+             f"(p10-p90) of {args.iters}; speedup over {base}: the median of the rounds' {base} / mode ratios")
     return title, table, rows
 
 
@@ -764,18 +768,33 @@ def cmd_gemm(args, d):
             f"(the best copy bandwidth, this run)"), table, rows
 
 
-def graph_ms(step, iters: int, d) -> float | None:
-    """Median ms of step() captured once into a CUDA graph and replayed: the step's GPU time with
-    no host time in it (where the host bounds a step, the difference). None where it cannot be
-    captured (said on rank 0)."""
-    try:
-        graph, _ = engine.capture_graph(step)
-    except RuntimeError as e:
-        say(d, f"    cannot capture it: {str(e).splitlines()[0]}")
-        return None
-    ms = stats(timed(graph.replay, iters))["median"]
-    del graph
-    return ms
+def graph_rounds(steps: dict, iters: int, d) -> dict:
+    """ms of each step() captured once into a CUDA graph and replayed, a list a step: its GPU time
+    with no host time in it (where the host bounds a step, the difference). The replays take turns
+    round by round, as the eager steps do: under a power limit the clock drifts through a run, and a
+    mode timed after the others would get more of the drift. None for a step that cannot be captured
+    (said on rank 0). The graphs share one memory pool: they replay one at a time, and nothing
+    reads what one leaves in it."""
+    graphs, pool = {}, torch.cuda.graph_pool_handle()
+    for m, step in steps.items():
+        try:
+            graphs[m], _ = engine.capture_graph(step, pool)
+        except RuntimeError as e:
+            say(d, f"    {m}: cannot capture it: {str(e).splitlines()[0]}")
+    times = {m: [] for m in graphs}
+    for r in range(iters + 1):
+        for m, graph in graphs.items():
+            ms = timed(graph.replay, 1, warmup=0)
+            times[m] += ms if r else []            # round 0 warms up
+    return {m: times.get(m) for m in steps}
+
+
+def paired(times: dict, base: str) -> dict:
+    """Each mode's speedup over base: the median over rounds of base's ms / the mode's. A round runs
+    every mode once, so what drifts through a run (the clock under a power limit) cancels within
+    each ratio. None for a mode (or base) without times."""
+    return {m: stats([b / x for b, x in zip(times[base], t)])["median"] if t and times[base] else None
+            for m, t in times.items() if m != base}
 
 
 def graph_us(calls: list, iters: int) -> float:
