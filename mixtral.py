@@ -85,9 +85,9 @@ class MoE(nn.Module):
 
 class Transformer(llama.Transformer):
     MLP = MoE
-    # Each half's grouped GEMMs read every expert's weights again: on one GPU a split adds 73 / 30 / 13 / 8% to a
-    # step of 1K / 2K / 4K / 8K tokens, while all the communication it could hide adds 13-16% at TP 4. 8K is the
-    # smallest step with room to gain (TokenWeave's threshold is 2K).
+    # Each half's grouped GEMMs read every expert's weights again, which costs a small step more than all
+    # its communication could hide; 8K is the smallest step with room to gain (docs/results.md, "the split's
+    # own cost"; TokenWeave's threshold is 2K).
     weave_threshold = 8192
 
     def __init__(self, cfg: Config, d: Dist):
