@@ -787,6 +787,32 @@ def test_bench_decode_on_cpu(demo, capsys):
         assert row["eager"]["median"] > 0 and row["eager"]["pipelined"]["median"] > 0
 
 
+def test_bench_model_speedup_pairs_its_rounds(demo, capsys):
+    """bench.py model's speedup is the median of the rounds' base / mode ratios (each round runs every
+    mode once), not a ratio of medians: here those disagree (0.5 against 1.0)."""
+    import bench
+    up = bench.paired({"tp1": [10.0, 10.0, 30.0], "tp1-split": [20.0, 5.0, 30.0], "lost": None}, "tp1")
+    assert up == {"tp1-split": 1.0, "lost": None}
+    assert bench.main(["model", "--model", str(demo), "--tokens", "24", "--seqs", "1,2", "--iters", "2",
+                       "--modes", "tp1,tp1-split"]) == 0
+    rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"]
+    assert [(r["seqs"], r["split"] > 0, set(r["speedup"])) for r in rows] == [(1, True, {"tp1-split"}),
+                                                                             (2, True, {"tp1-split"})]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_bench_model_replays_every_mode_in_rounds(demo, capsys):
+    """bench.py model --graph on one GPU: every mode's step is captured (the graphs share a pool) and
+    replayed in rounds, each with its GPU time and its paired speedup."""
+    import bench
+    modes = ["tp1", "tp1-split", "tp1-split-inline"]
+    assert bench.main(["model", "--model", str(demo), "--tokens", "40", "--seqs", "1", "--iters", "3",
+                       "--modes", ",".join(modes), "--graph"]) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"][0]
+    assert all(row["graph"][m] > 0 for m in modes), row["graph"]
+    assert set(row["graph_speedup"]) == set(modes[1:]) and all(v > 0 for v in row["graph_speedup"].values())
+
+
 def test_bench_checkpoint_runs(demo, tmp_path, monkeypatch, capsys):
     """bench.py checkpoint (what gpu_check.sh e2e times run.py on) writes a checkpoint of a preset's
     shape, the demo's tokenizer and a prompts file that run.py loads and runs, every prompt."""
