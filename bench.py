@@ -55,8 +55,10 @@ MODES = {"nccl": ("nccl", "off", True, True),           # baseline: NCCL all-red
          "tp1-split": ("auto", "on", True, True),       # ... split in two as the weave does (the second half's
          "tp1-split-flash": ("auto", "on", True, False),  # attention after a prefix), with FlashAttention only,
          "tp1-split-nocarve": ("auto", "on", False, True),  # and with the GEMMs on every SM,
-         "tp1-split-inline": ("auto", "on", True, True)}    # or each comm point on the compute stream (INLINE)
+         "tp1-split-inline": ("auto", "on", True, True),    # or each comm point on the compute stream (INLINE),
+         "tp1-split-lt": ("auto", "on", False, True)}       # or the GEMMs on every SM through cuBLASLt (LT)
 INLINE = {"tp1-split-inline"}   # the split's schedule without its stream crossings: what they cost
+LT = {"tp1-split-lt"}           # the carveout's GEMM library without its SM count: which of the two costs
 NVLINK_GBPS = 450   # H100/H200 NVLink 4, per direction
 
 
@@ -233,6 +235,22 @@ class InlineStreams(weave.Streams):
         pass
 
 
+class LtStreams(weave.Streams):
+    """A split step's GEMMs through cuBLASLt on every SM. The carveout runs them through cuBLASLt
+    (torch applies it to no other library), whose kernel choice can differ from cuBLAS's."""
+
+    def begin(self):
+        super().begin()
+        if self.cuda:
+            self.blas = torch.backends.cuda.preferred_blas_library()
+            torch.backends.cuda.preferred_blas_library("cublaslt")
+
+    def join(self):
+        super().join()
+        if self.cuda:
+            torch.backends.cuda.preferred_blas_library(self.blas)
+
+
 def make_weavers(model, d, modes, max_tokens, tuning) -> dict:
     comms, out = {}, {}
     for m in modes:
@@ -242,6 +260,8 @@ def make_weavers(model, d, modes, max_tokens, tuning) -> dict:
         out[m] = weave.Weaver(model, comms[backend], split, dataclasses.replace(tuning, carveout=carveout))
         if m in INLINE:
             out[m].streams = InlineStreams(d.device)
+        elif m in LT:
+            out[m].streams = LtStreams(d.device)
     return out
 
 
@@ -279,6 +299,8 @@ def cmd_model(args, d):
             split = next((weavers[m].split_at(T) for m in args.modes if MODES[m][1] == "on"), None)
             row = {"tokens": T, "seqs": n_seqs, "split": split} | {m: stats(t) for m, t in times.items()}
             row["speedup"] = paired(times, base)
+            if "none" in times:                             # each mode against no communication, paired alike
+                row["over_none"] = {m: 1 / x for m, x in paired(times, "none").items()}
             rows.append(row)
             say(d, f"  {T:>6} tokens x {n_seqs} seqs: " + ", ".join(f"{m} {row[m]['median']:.2f}" for m in args.modes))
             if args.graph:
@@ -302,15 +324,14 @@ def cmd_model(args, d):
         head += [f"{m} / none" for m in args.modes if m != "none"]
     table = [head]
     for r in rows:
-        med = {m: r[m]["median"] for m in args.modes}
         line = [r["tokens"], r["seqs"], r["split"]] + [fmt(r[m]) for m in args.modes]
         line += [f"{r['speedup'][m]:.3f}x" for m in args.modes if m != base]
         if args.graph:
-            g, up = r["graph"], r["graph_speedup"]
+            g, speedup = r["graph"], r["graph_speedup"]
             line += [f"{g[m]:.3f}" if g[m] else "n/a" for m in args.modes]
-            line += [f"{up[m]:.3f}x" if up[m] else "n/a" for m in args.modes if m != base]
+            line += [f"{speedup[m]:.3f}x" if speedup[m] else "n/a" for m in args.modes if m != base]
         if "none" in args.modes:
-            line += [f"{med[m] / med['none']:.3f}" for m in args.modes if m != "none"]
+            line += [f"{r['over_none'][m]:.3f}" for m in args.modes if m != "none"]
         table.append(line)
     if args.plot:
         plot(rows, args.modes, args.plot, args.model)
@@ -769,23 +790,29 @@ def cmd_gemm(args, d):
 
 
 def graph_rounds(steps: dict, iters: int, d) -> dict:
-    """ms of each step() captured once into a CUDA graph and replayed, a list a step: its GPU time
-    with no host time in it (where the host bounds a step, the difference). The replays take turns
-    round by round, as the eager steps do: under a power limit the clock drifts through a run, and a
-    mode timed after the others would get more of the drift. None for a step that cannot be captured
-    (said on rank 0). The graphs share one memory pool: they replay one at a time, and nothing
-    reads what one leaves in it."""
+    """Each step() captured once into a CUDA graph and replayed: {mode: the replays' ms}, the step's
+    GPU time with no host time in it (where the host bounds a step, the difference). The replays
+    take turns round by round, as the eager steps do: under a power limit the clock drifts through a
+    run, and a mode timed after the others would get more of the drift. None for a step that cannot
+    be captured on some rank (said on rank 0). The graphs share one memory pool, so that all modes
+    together hold one step's activations, not one each: they replay one at a time, and nothing reads
+    what one leaves in it."""
     graphs, pool = {}, torch.cuda.graph_pool_handle()
     for m, step in steps.items():
         try:
             graphs[m], _ = engine.capture_graph(step, pool)
         except RuntimeError as e:
             say(d, f"    {m}: cannot capture it: {str(e).splitlines()[0]}")
+    captured = torch.tensor([m in graphs for m in steps], dtype=torch.int32, device=d.device)
+    if dist.is_initialized():   # every rank times the same modes: timed() meets the other ranks at each call
+        dist.all_reduce(captured, op=dist.ReduceOp.MIN)
+    graphs = {m: graphs[m] for m, ok in zip(steps, captured.tolist()) if ok}
     times = {m: [] for m in graphs}
     for r in range(iters + 1):
         for m, graph in graphs.items():
             ms = timed(graph.replay, 1, warmup=0)
-            times[m] += ms if r else []            # round 0 warms up
+            if r:                                 # a graph's first replay uploads it
+                times[m] += ms
     return {m: times.get(m) for m in steps}
 
 

@@ -793,6 +793,7 @@ def test_bench_model_speedup_pairs_its_rounds(demo, capsys):
     import bench
     up = bench.paired({"tp1": [10.0, 10.0, 30.0], "tp1-split": [20.0, 5.0, 30.0], "lost": None}, "tp1")
     assert up == {"tp1-split": 1.0, "lost": None}
+    assert bench.paired({"tp1": None, "tp1-split": [1.0]}, "tp1") == {"tp1-split": None}
     assert bench.main(["model", "--model", str(demo), "--tokens", "24", "--seqs", "1,2", "--iters", "2",
                        "--modes", "tp1,tp1-split"]) == 0
     rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"]
