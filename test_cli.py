@@ -789,11 +789,13 @@ def test_bench_decode_on_cpu(demo, capsys):
 
 def test_bench_model_speedup_pairs_its_rounds(demo, capsys):
     """bench.py model's speedup is the median of the rounds' base / mode ratios (each round runs every
-    mode once), not a ratio of medians: here those disagree (0.5 against 1.0)."""
+    mode once), not a ratio of medians: here those disagree (0.5 against 1.0). A median of an even
+    count is the mean of the middle two, so that ratios lean neither way."""
     import bench
     up = bench.paired({"tp1": [10.0, 10.0, 30.0], "tp1-split": [20.0, 5.0, 30.0], "lost": None}, "tp1")
     assert up == {"tp1-split": 1.0, "lost": None}
     assert bench.paired({"tp1": None, "tp1-split": [1.0]}, "tp1") == {"tp1-split": None}
+    assert bench.stats([0.9, 1.0, 1.1, 1.2])["median"] == pytest.approx(1.05)   # even counts: the middle two
     assert bench.main(["model", "--model", str(demo), "--tokens", "24", "--seqs", "1,2", "--iters", "2",
                        "--modes", "tp1,tp1-split"]) == 0
     rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"]
