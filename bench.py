@@ -56,10 +56,8 @@ MODES = {"nccl": ("nccl", "off", True, True),           # baseline: NCCL all-red
          "tp1-split": ("auto", "on", True, True),       # ... split in two as the weave does (the second half's
          "tp1-split-flash": ("auto", "on", True, False),  # attention after a prefix), with FlashAttention only,
          "tp1-split-nocarve": ("auto", "on", False, True),  # and with the GEMMs on every SM,
-         "tp1-split-inline": ("auto", "on", True, True),    # or each comm point on the compute stream (INLINE),
-         "tp1-split-lt": ("auto", "on", False, True)}       # or the GEMMs on every SM through cuBLASLt (LT)
-INLINE = {"tp1-split-inline"}   # the split's schedule without its stream crossings: what they cost
-LT = {"tp1-split-lt"}           # the carveout's GEMM library without its SM count: which of the two costs
+         "tp1-split-inline": ("auto", "on", True, True),    # or each comm point on the compute stream,
+         "tp1-split-lt": ("auto", "on", False, True)}       # or the GEMMs on every SM through cuBLASLt
 NVLINK_GBPS = 450   # H100/H200 NVLink 4, per direction
 
 
@@ -254,6 +252,11 @@ class LtStreams(weave.Streams):
             torch.backends.cuda.preferred_blas_library(self.blas)
 
 
+# modes whose split runs on other Streams than the weave's: without its stream crossings (what they cost), and
+# with the carveout's GEMM library but not its SM count (which of the two costs)
+STREAMS = {"tp1-split-inline": InlineStreams, "tp1-split-lt": LtStreams}
+
+
 def make_weavers(model, d, modes, max_tokens, tuning) -> dict:
     comms, out = {}, {}
     for m in modes:
@@ -261,10 +264,8 @@ def make_weavers(model, d, modes, max_tokens, tuning) -> dict:
         if backend not in comms:
             comms[backend] = comm.make_comm(backend, d, model.cfg.hidden, max_tokens, model.norm.weight.dtype)
         out[m] = weave.Weaver(model, comms[backend], split, dataclasses.replace(tuning, carveout=carveout))
-        if m in INLINE:
-            out[m].streams = InlineStreams(d.device)
-        elif m in LT:
-            out[m].streams = LtStreams(d.device)
+        if m in STREAMS:
+            out[m].streams = STREAMS[m](d.device)
     return out
 
 
