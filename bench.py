@@ -55,9 +55,7 @@ MODES = {"nccl": ("nccl", "off", True, True),           # baseline: NCCL all-red
          "tp1-flash": ("auto", "off", True, False),     # ... every attention through FlashAttention's varlen kernel
          "tp1-split": ("auto", "on", True, True),       # ... split in two as the weave does (the second half's
          "tp1-split-flash": ("auto", "on", True, False),  # attention after a prefix), with FlashAttention only,
-         "tp1-split-nocarve": ("auto", "on", False, True),  # and with the GEMMs on every SM,
-         "tp1-split-inline": ("auto", "on", True, True),    # or each comm point on the compute stream,
-         "tp1-split-lt": ("auto", "on", False, True)}       # or the GEMMs on every SM through cuBLASLt
+         "tp1-split-inline": ("auto", "on", True, True)}  # or each comm point on the compute stream
 NVLINK_GBPS = 450   # H100/H200 NVLink 4, per direction
 
 
@@ -236,25 +234,8 @@ class InlineStreams(weave.Streams):
         pass
 
 
-class LtStreams(weave.Streams):
-    """A split step's GEMMs through cuBLASLt on every SM. The carveout runs them through cuBLASLt
-    (torch applies it to no other library), whose kernel choice can differ from cuBLAS's."""
-
-    def begin(self):
-        super().begin()
-        if self.cuda:
-            self.blas = torch.backends.cuda.preferred_blas_library()
-            torch.backends.cuda.preferred_blas_library("cublaslt")
-
-    def join(self):
-        super().join()
-        if self.cuda:
-            torch.backends.cuda.preferred_blas_library(self.blas)
-
-
-# modes whose split runs on other Streams than the weave's: without its stream crossings (what they cost), and
-# with the carveout's GEMM library but not its SM count (which of the two costs)
-STREAMS = {"tp1-split-inline": InlineStreams, "tp1-split-lt": LtStreams}
+# modes whose split runs on other Streams than the weave's: without its stream crossings (what they cost)
+STREAMS = {"tp1-split-inline": InlineStreams}
 
 
 def make_weavers(model, d, modes, max_tokens, tuning) -> dict:

@@ -41,7 +41,7 @@ for step in "$@"; do
             for m in llama-3.1-8b llama-3.3-70b qwen2.5-72b mixtral-8x22b; do
               layers=$([ $m = llama-3.1-8b ] && echo 32 || echo 8)
               run python3 bench.py model --model $m --layers $layers --tokens "$TOKENS" --seqs 1,4 --iters "${ITERS:-10}" \
-                --modes tp1,tp1-split,tp1-split-nocarve,tp1-split-lt,tp1-split-inline --profile --graph --out "$OUT/split-$m.json" 2>&1 | quiet | tee -a "$OUT/split.log"
+                --modes tp1,tp1-split,tp1-split-inline --profile --graph --out "$OUT/split-$m.json" 2>&1 | quiet | tee -a "$OUT/split.log"
             done ;;
     ceiling) run python3 docs/sm_ceiling.py 2>&1 | grep -v "^W" | tee "$OUT/ceiling.log"
             [ "$NPROC" -gt 1 ] && run python3 docs/sm_ceiling.py --peer 1 2>&1 | grep -v "^W" | tee -a "$OUT/ceiling.log" ;;

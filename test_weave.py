@@ -1,5 +1,6 @@
 """Correctness of the models and the weave schedule: CPU (gloo) everywhere, CUDA (NCCL, two streams)
 where 2+ GPUs are present. Run: pytest -q"""
+import dataclasses
 import json
 import os
 
@@ -221,8 +222,8 @@ def test_plan_budgets_and_carveout():
     """Which comm point gets which CTA budget, and which stage leaves SMs free, per half."""
     t = weave.Tuning(fuse_ctas=16, attn_ctas=2, mlp_ctas=8)
     kinds = ["embed", "attn", "mlp", "attn", "mlp"]
-    assert weave.plan(kinds, 1, t, 4096) == [[weave.StagePlan(16, 0)]] * 5     # whole: nothing overlaps
-    p = weave.plan(kinds, 2, t, 4096)
+    assert weave.plan(kinds, 1, t, 4096, 4) == [[weave.StagePlan(16, 0)]] * 5     # whole: nothing overlaps
+    p = weave.plan(kinds, 2, t, 4096, 4)
     a, b = [s[0] for s in p], [s[1] for s in p]
     # comm(A, k) runs beside B's stage k, comm(B, k) beside A's stage k + 1 (the embedding counts as
     # attention, and the last comm point overlaps only the LM head: attention's budget).
@@ -230,11 +231,14 @@ def test_plan_budgets_and_carveout():
     # Each stage carves out the CTAs of the comm beside it; A's first stage has none beside it.
     assert [s.carveout for s in a] == [0, 2, 8, 2, 8] and [s.carveout for s in b] == [2, 2, 8, 2, 8]
     t.table = {4096: {"attn_ctas": 4, "mlp_ctas": 16, "carveout": False}, 16384: {"attn_ctas": 1}}
-    p = weave.plan(kinds, 2, t, 5000)      # the nearest key is 4096
+    p = weave.plan(kinds, 2, t, 5000, 4)      # the nearest key is 4096
     assert [s[1].ctas for s in p] == [4, 16, 4, 16, 4] and all(s.carveout == 0 for st in p for s in st)
-    assert [s[0].ctas for s in weave.plan(kinds, 2, t, 20000)] == [1, 1, 8, 1, 8]   # the rest: defaults
+    assert [s[0].ctas for s in weave.plan(kinds, 2, t, 20000, 4)] == [1, 1, 8, 1, 8]   # the rest: defaults
     t.carveout, t.table = False, {}
-    assert all(s.carveout == 0 for st in weave.plan(kinds, 2, t, 4096) for s in st)
+    assert all(s.carveout == 0 for st in weave.plan(kinds, 2, t, 4096, 4) for s in st)
+    t.carveout = True      # one GPU: no comm kernel to leave SMs for, the same CTA budgets
+    assert weave.plan(kinds, 2, t, 4096, 1) == [[dataclasses.replace(s, carveout=0) for s in st]
+                                                  for st in weave.plan(kinds, 2, t, 4096, 4)]
 
 
 def test_carve_calls_torch_only_on_a_change(monkeypatch):

@@ -54,7 +54,7 @@ class Tuning:
     fuse_ctas: int = 16              # comm CTAs when nothing overlaps (fuse-only, decode)
     attn_ctas: int = 4               # comm CTAs while the other half runs attention
     mlp_ctas: int = 4                # ... while it runs the MLP
-    carveout: bool = True            # overlapped GEMMs leave the comm's CTAs their SMs (see Streams)
+    carveout: bool = True            # overlapped GEMMs leave the comm's CTAs their SMs (see Streams, plan)
     table: dict = dataclasses.field(default_factory=dict)   # tokens -> {offset, attn_ctas, mlp_ctas, carveout}
 
     KNOBS = {"threshold": int, "fuse_ctas": int, "attn_ctas": int, "mlp_ctas": int, "carveout": bool, "offset": int}
@@ -129,19 +129,21 @@ class StagePlan:
     carveout: int
 
 
-def plan(kinds: list, halves: int, tuning: Tuning, T: int) -> list:
+def plan(kinds: list, halves: int, tuning: Tuning, T: int, world: int) -> list:
     """[stage][half] -> StagePlan, for stages of the given kinds ('embed', 'attn', 'mlp'), for a step
-    of T tokens run whole (halves 1) or split (halves 2).
+    of T tokens run whole (halves 1) or split (halves 2) over `world` ranks.
 
     Whole, every comm point runs alone with fuse_ctas. Split, comm(A, k) runs beside compute(B, k)
     and comm(B, k) beside compute(A, k+1): a comm point gets the CTA budget of the stage kind it
     overlaps (the embedding is as short as attention; the last comm point overlaps nothing but the
-    LM head), and each stage but A's first carves out the budget of the comm beside it.
+    LM head), and each stage but A's first carves out the budget of the comm beside it. Only across
+    ranks: on one GPU a comm point is an add + RMSNorm of a few µs that takes no CTA budget, and SMs
+    left idle for it would only slow the GEMMs.
     """
     if halves == 1:
         return [[StagePlan(tuning.fuse_ctas, 0)] for _ in kinds]
     e = tuning.entry(T)
-    carve = tuning.carveout and e.get("carveout", True)
+    carve = tuning.carveout and e.get("carveout", True) and world > 1
 
     def budget(k):   # CTAs of a comm point running beside stage k
         kind = "mlp" if k < len(kinds) and kinds[k] == "mlp" else "attn"
@@ -258,7 +260,7 @@ class Weaver:
     def __call__(self, batch: Batch) -> torch.Tensor:
         """Logits (B, V) of the last token of each sequence that ends in this batch."""
         halves = list(batch.halves or [batch])
-        plans = plan(self.kinds, len(halves), self.tuning, batch.T)
+        plans = plan(self.kinds, len(halves), self.tuning, batch.T, self.comm.d.world)
         n = [padded(half.T, self.comm.d.world) for half in halves]
         bufs = [self.comm.buffer(i, n[i]) for i in range(len(halves))]
         for half, buf in zip(halves, bufs):
