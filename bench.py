@@ -43,8 +43,8 @@ import weave
 from batch import Batch, Span
 from group import UserError
 
-# name -> how the step runs: comm backend, weave mode, GEMM carveout beside the comm, cuDNN for long prompts
-# (the fast path's, where it is on)
+# name -> how the step runs: comm backend, weave mode, GEMM carveout beside the comm (across ranks only: weave.plan),
+# cuDNN for long prompts (the fast path's, where it is on)
 MODES = {"nccl": ("nccl", "off", True, True),           # baseline: NCCL all-reduce + add/RMSNorm, no split
          "fuse-only": ("fused", "off", True, True),     # the fused kernel, no split
          "weave": ("fused", "on", True, True),          # split + overlap + fused kernel
