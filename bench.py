@@ -289,8 +289,8 @@ def cmd_model(args, d):
             rows.append(row)
             say(d, f"  {T:>6} tokens x {n_seqs} seqs: " + ", ".join(f"{m} {row[m]['median']:.2f}" for m in args.modes))
             if args.graph:
-                replays = graph_rounds({m: functools.partial(run, m, batches, lambda step: step()) for m in args.modes},
-                                       args.iters, d)
+                replays, profiles = graph_rounds({m: functools.partial(run, m, batches, lambda step: step())
+                                                  for m in args.modes}, args.iters, d, args.profile)
                 row["graph"] = {m: stats(t)["median"] if t else None for m, t in replays.items()}
                 row["graph_speedup"] = paired(replays, base)
                 say(d, "    replayed from a CUDA graph: " + ", ".join(f"{m} {ms:.2f}" if ms else f"{m} n/a"
@@ -298,7 +298,10 @@ def cmd_model(args, d):
             if args.profile:
                 row["profile"] = {m: kernel_classes(gpu_kernels(lambda: run(m, batches), 1)) |
                                   {"host_ms": run(m, batches, issue_ms)} for m in args.modes}
-                say(d, classes_text(row["profile"]))
+                say(d, "    eager, GPU ms (kernels) by class:\n" + classes_text(row["profile"], base))
+                if args.graph:
+                    row["graph_profile"] = profiles
+                    say(d, "    replayed, GPU ms (kernels) by class:\n" + classes_text(profiles, base))
     if args.trace:
         w = weavers.get("weave") or next(iter(weavers.values()))
         trace(w, w.batch(prefill_spans(max_T, 1), random_tokens(max_T, model.cfg.vocab, 0)), args.trace, d)
@@ -483,13 +486,20 @@ def kernel_classes(ks: list) -> dict:
     return out | {"span_ms": span, "idle_ms": span - busy / 1e3}
 
 
-def classes_text(profile: dict) -> str:
-    """One line per mode: ms (kernels) per class, then the span, its idle part and the host's time."""
-    return "\n".join(f"    {m:>16}: " + ", ".join(f"{c} {p[c]['ms']:.2f} ({p[c]['kernels']})" for c in CLASSES) +
-                     f"; span {p['span_ms']:.2f}, idle {p['idle_ms']:.2f}, host {p['host_ms']:.2f}" +
-                     ("".join(f", {k.removesuffix('_ms').replace('_', ' ')} {p[k]:.2f}" for k in ("alone_ms", "back_to_back_ms")
-                              if k in p))
-                     for m, p in profile.items())
+def classes_text(profile: dict, base: str | None = None) -> str:
+    """One line per mode: ms (kernels) per class, then the span, its idle part and, where measured,
+    the host's time; with base, a second line per other mode: where its time differs from base's."""
+    extra = ("host_ms", "alone_ms", "back_to_back_ms")
+    lines = []
+    for m, p in profile.items():
+        lines.append(f"    {m:>16}: " + ", ".join(f"{c} {p[c]['ms']:.2f} ({p[c]['kernels']})" for c in CLASSES) +
+                     f"; span {p['span_ms']:.2f}, idle {p['idle_ms']:.2f}" +
+                     "".join(f", {k.removesuffix('_ms').replace('_', ' ')} {p[k]:.2f}" for k in extra if k in p))
+        if base in profile and m != base:
+            b = profile[base]
+            lines.append(f"    {'- ' + base:>16}: " + ", ".join(f"{c} {p[c]['ms'] - b[c]['ms']:+.2f}" for c in CLASSES) +
+                         f"; span {p['span_ms'] - b['span_ms']:+.2f}, idle {p['idle_ms'] - b['idle_ms']:+.2f}")
+    return "\n".join(lines)
 
 
 def kernel_us(fn, per_call: int, iters: int, name: str) -> list:
@@ -774,9 +784,10 @@ def cmd_gemm(args, d):
             f"(the best copy bandwidth, this run)"), table, rows
 
 
-def graph_rounds(steps: dict, iters: int, d) -> dict:
+def graph_rounds(steps: dict, iters: int, d, profile: bool = False) -> tuple[dict, dict]:
     """Each step() captured once into a CUDA graph and replayed: {mode: the replays' ms}, the step's
-    GPU time with no host time in it (where the host bounds a step, the difference). The replays
+    GPU time with no host time in it (where the host bounds a step, the difference); with profile,
+    also {mode: one replay's kernel classes} (a replay has no launch gaps of its own). The replays
     take turns round by round, as the eager steps do: under a power limit the clock drifts through a
     run, and a mode timed after the others would get more of the drift. None for a step that cannot
     be captured on some rank (said on rank 0). The graphs share one memory pool, so that all modes
@@ -798,7 +809,8 @@ def graph_rounds(steps: dict, iters: int, d) -> dict:
             ms = timed(graph.replay, 1, warmup=0)
             if r:                                 # a graph's first replay uploads it
                 times[m] += ms
-    return {m: times.get(m) for m in steps}
+    profiles = {m: kernel_classes(gpu_kernels(graph.replay, 1)) for m, graph in graphs.items()} if profile else {}
+    return {m: times.get(m) for m in steps}, profiles
 
 
 def paired(times: dict, base: str) -> dict:
@@ -1160,7 +1172,8 @@ def parse_args(argv=None):
                    "captured once per figure: its GPU time without the host's (where the host bounds a step)")
     m.add_argument("--profile", action="store_true", help="also profile one step per figure and mode: GPU ms and "
                    "kernels by class (GEMM, attention, comm point, copy/index, elementwise), span, idle time and the "
-                   "host's time to issue the step")
+                   "host's time to issue the step, and each mode's difference from the base mode's; with --graph, of one "
+                   "replay too")
     t = command("tune", "sweep split offset, CTA budgets and carveout; write configs/")
     t.add_argument("--tokens", type=ints, default=[1024, 2048, 4096, 8192, 16384], help="prefill token counts")
     t.add_argument("--ctas", type=ints, default=[2, 4, 8, 16], help="CTA budgets to try (default 2,4,8,16)")

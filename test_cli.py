@@ -846,6 +846,11 @@ def test_bench_kernel_classes():
     assert {c: (round(p[c]["ms"] * 1e3), p[c]["kernels"]) for c in bench.CLASSES} == {
         "attention": (100, 1), "gemm": (105, 2), "comm point": (10, 1), "copy/index": (20, 1), "elementwise": (10, 1)}
     assert round(p["span_ms"] * 1e3) == 250 and round(p["idle_ms"] * 1e3) == 250 - 150 - 20 - 10 - 5
+    # against a base: the other mode's line and then its difference, class by class
+    q = bench.kernel_classes([(2 * s + 1000, 2 * u, n) for s, u, n in ks])   # twice as slow throughout
+    text = bench.classes_text({"tp1": p, "tp1-split": q}, "tp1").splitlines()
+    assert len(text) == 3 and text[1].strip().startswith("tp1-split: attention 0.20 (1)")
+    assert text[2].strip().startswith("- tp1: attention +0.10,") and text[2].endswith("span +0.25, idle +0.07")
 
 
 def test_bench_serve_by_kind_on_cpu(demo, capsys):
