@@ -805,15 +805,19 @@ def test_bench_model_speedup_pairs_its_rounds(demo, capsys):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_bench_model_replays_every_mode_in_rounds(demo, capsys):
-    """bench.py model --graph on one GPU: every mode's step is captured (the graphs share a pool) and
-    replayed in rounds, each with its GPU time and its paired speedup."""
+    """bench.py model --graph --profile on one GPU: every mode's step is captured (the graphs share a
+    pool) and replayed in rounds, each with its GPU time and its paired speedup; one replay and one
+    eager step are profiled by kernel class, and the split's has the GEMMs of both halves."""
     import bench
     modes = ["tp1", "tp1-split", "tp1-split-inline"]
     assert bench.main(["model", "--model", str(demo), "--tokens", "40", "--seqs", "1", "--iters", "3",
-                       "--modes", ",".join(modes), "--graph"]) == 0
+                       "--modes", ",".join(modes), "--graph", "--profile"]) == 0
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"][0]
     assert all(row["graph"][m] > 0 for m in modes), row["graph"]
     assert set(row["graph_speedup"]) == set(modes[1:]) and all(v > 0 for v in row["graph_speedup"].values())
+    for prof in (row["profile"], row["graph_profile"]):
+        assert set(prof) == set(modes) and all(p["span_ms"] > 0 for p in prof.values())
+        assert prof["tp1-split"]["gemm"]["kernels"] > prof["tp1"]["gemm"]["kernels"]
 
 
 def test_bench_checkpoint_runs(demo, tmp_path, monkeypatch, capsys):
