@@ -10,6 +10,8 @@ Kernels (bf16 in and out, fp32 math):
                     [T, (nh + 2 nkv) hd], on k into k_cache[kv_rows[t]], and v copied into
                     v_cache[kv_rows[t]].
   silu_mul          SwiGLU's activation, silu(gate) * up, in one pass.
+  attention_merge   a chunk's attention over its prefix and over its own keys (two cuDNN calls)
+                    merged by their log-sum-exp, in one pass.
   decode_attention  one query per sequence (decode) against its range of the KV cache, on the tensor
                     cores, long sequences split over the keys and merged by their log-sum-exp.
   gemv              a decode step's GEMMs (up to 8 tokens) as one stream over the weights; optionally
@@ -131,6 +133,49 @@ cudaError_t launch_silu_mul(const uint4* gate_up, uint4* out, int tokens, int nv
   const size_t n = static_cast<size_t>(tokens) * nvec;
   return launch_pdl(silu_mul_kernel, dim3(static_cast<unsigned>((n + 255) / 256)), dim3(256), 0, stream, gate_up, out,
                     tokens, nvec);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Attention after a prefix, merged. cuDNN's causal mask is aligned to the queries' start, so the fast
+// path attends to a chunk's prefix and to its own keys in two calls (fastpath.attend_cudnn); this
+// merges them by their log-sum-exp: out = (e^lse1 o1 + e^lse2 o2) / (e^lse1 + e^lse2), per query and
+// head, in fp32, rounded once. o1, o2 [nh, n, hd] with any head and row strides (cuDNN lays its output
+// out as q), lse [nh, n] fp32, out [n, nh, hd] contiguous. One thread per 16-byte vector of out.
+
+struct MergeParams {
+  const __nv_bfloat16* o[2];       // [nh, n, hd]
+  const float* lse[2];             // [nh, n], natural log
+  __nv_bfloat16* out;              // [n, nh, hd]
+  long long o_head[2], o_row[2];   // strides in elements
+  long long lse_head[2], lse_row[2];
+  int n, nh, nvec;                 // nvec = hd / 8
+};
+
+__global__ void attention_merge_kernel(const MergeParams p) {
+  pdl_wait();
+  pdl_launch_dependents();
+  const size_t j = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (j >= static_cast<size_t>(p.n) * p.nh * p.nvec) return;
+  const int i = static_cast<int>(j % p.nvec), h = static_cast<int>(j / p.nvec % p.nh);
+  const long long t = static_cast<long long>(j / p.nvec / p.nh);
+  float l[2], f[2][8];
+#pragma unroll
+  for (int s = 0; s < 2; ++s) {
+    l[s] = p.lse[s][h * p.lse_head[s] + t * p.lse_row[s]];
+    unpack8(reinterpret_cast<const uint4*>(p.o[s] + h * p.o_head[s] + t * p.o_row[s])[i], f[s]);
+  }
+  const float m = fmaxf(l[0], l[1]);   // every row sees keys in both calls; -inf in both gives 0
+  const float w0 = m == -INFINITY ? 0.f : expf(l[0] - m), w1 = m == -INFINITY ? 0.f : expf(l[1] - m);
+  const float inv = w0 + w1 > 0.f ? 1.f / (w0 + w1) : 0.f;
+#pragma unroll
+  for (int k = 0; k < 8; ++k) f[0][k] = (w0 * f[0][k] + w1 * f[1][k]) * inv;
+  reinterpret_cast<uint4*>(p.out)[j] = pack8(f[0]);
+}
+
+cudaError_t launch_attention_merge(const MergeParams& p, cudaStream_t stream) {
+  if (p.n < 1 || p.nh < 1 || p.nvec < 1) return cudaErrorInvalidValue;
+  const size_t n = static_cast<size_t>(p.n) * p.nh * p.nvec;
+  return launch_pdl(attention_merge_kernel, dim3(static_cast<unsigned>((n + 255) / 256)), dim3(256), 0, stream, p);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -914,6 +959,43 @@ std::string silu_mul(at::Tensor gate_up, at::Tensor out) {
                                                 static_cast<int>(out.size(1) / 8), c10::cuda::getCurrentCUDAStream()));
 }
 
+std::string attention_merge(at::Tensor o1, at::Tensor lse1, at::Tensor o2, at::Tensor lse2, at::Tensor out) {
+  const char* op = "attention_merge";
+  if (out.dim() != 3 || out.size(2) % 8)
+    return std::string(op) + ": out must be [n, nh, hd] with hd % 8 == 0; got " + tw::shape(out);
+  TW_TRY(check_tensor(op, "out", out, at::kBFloat16, out.device()));
+  const int64_t n = out.size(0), nh = out.size(1), hd = out.size(2);
+  tw::MergeParams p{};
+  const at::Tensor* os[2] = {&o1, &o2};
+  const at::Tensor* ls[2] = {&lse1, &lse2};
+  for (int s = 0; s < 2; ++s) {
+    const at::Tensor &o = *os[s], &l = *ls[s];
+    const char* o_name = s ? "o2" : "o1";
+    if (o.dim() != 3 || o.size(0) != nh || o.size(1) != n || o.size(2) != hd || l.dim() != 2 || l.size(0) != nh ||
+        l.size(1) != n)
+      return std::string(op) + ": " + o_name + " must be [nh, n, hd] and its lse [nh, n] for out [n, nh, hd] " +
+             tw::shape(out) + "; got " + tw::shape(o) + " and " + tw::shape(l);
+    TW_TRY(check_tensor(op, o_name, o, at::kBFloat16, out.device(), false));
+    if (o.stride(0) % 8)
+      return std::string(op) + ": " + o_name + "'s heads must be a multiple of 16 bytes apart";
+    if (!l.is_cuda() || l.device() != out.device() || l.scalar_type() != at::kFloat)   // any strides
+      return std::string(op) + ": " + (s ? "lse2" : "lse1") + " must be a float32 CUDA tensor on " + out.device().str();
+    p.o[s] = static_cast<const __nv_bfloat16*>(o.data_ptr());
+    p.lse[s] = static_cast<const float*>(l.data_ptr());
+    p.o_head[s] = o.stride(0);
+    p.o_row[s] = o.stride(1);
+    p.lse_head[s] = l.stride(0);
+    p.lse_row[s] = l.stride(1);
+  }
+  if (out.numel() == 0) return "";
+  p.out = static_cast<__nv_bfloat16*>(out.data_ptr());
+  p.n = static_cast<int>(n);
+  p.nh = static_cast<int>(nh);
+  p.nvec = static_cast<int>(hd / 8);
+  const c10::cuda::CUDAGuard guard(out.device());
+  return tw::cuda_error(op, tw::launch_attention_merge(p, c10::cuda::getCurrentCUDAStream()));
+}
+
 // x [M, K], a contiguous w [N, K], bias [N] or none, a 2-D out (rows of x and out may be strided).
 std::string check_gemv_operands(const char* op, const at::Tensor& x, const at::Tensor& w,
                                 const std::optional<at::Tensor>& bias, const at::Tensor& out) {
@@ -1011,7 +1093,8 @@ std::string argmax(at::Tensor logits, at::Tensor out) {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "The one-GPU fast path's kernels: RoPE + cache write, decode attention, SwiGLU, gemv, argmax (sm_90a)";
+  m.doc() = "The one-GPU fast path's kernels: RoPE + cache write, SwiGLU, attention merge, decode attention, gemv, "
+            "argmax (sm_90a)";
   m.def("rope_kv_cache", &rope_kv_cache,
         "In place: RoPE on the q heads of qkv [T, (nh + 2 nkv) hd]; k rotated into "
         "k_cache[kv_rows[t]] and v copied into v_cache[kv_rows[t]] ([rows, nkv, hd]); rope "
@@ -1032,6 +1115,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_mul", &silu_mul,
         "out [T, I] <- bf16(bf16(silu(gate)) * up) for gate_up [T, 2I] = [gate | up]; I % 8 == 0",
         py::arg("gate_up"), py::arg("out"));
+  m.def("attention_merge", &attention_merge,
+        "out [n, nh, hd] (contiguous) <- the merge of two attention outputs o1, o2 [nh, n, hd] (last dim "
+        "contiguous, 16-byte aligned) by their log-sum-exp lse1, lse2 [nh, n] (fp32, natural log): "
+        "(e^lse1 o1 + e^lse2 o2) / (e^lse1 + e^lse2) in fp32; hd % 8 == 0",
+        py::arg("o1"), py::arg("lse1"), py::arg("o2"), py::arg("lse2"), py::arg("out"));
   m.def("gemv", &gemv,
         "out [M, N] <- x [M, K] w^T (+ bias [N]) for M <= gemv_max_m tokens (rows of x and out may be "
         "strided, 16-byte aligned); swiglu: w is [gate; up] [2I, K], out [M, I] <- silu(gate) * up; "

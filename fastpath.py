@@ -9,8 +9,8 @@ stays the plain reference model, and the tokens are the same either way (test_fa
                       write in its epilogue)
     cublaslt          cuBLASLt (addmm with a zero bias)    cuBLAS's split-K + reduce    row-parallel GEMMs of 32-96 tokens
     decode_attention  decode_ops.cu's decode attention     FlashAttention               head dim 128, <= 8 query heads a KV head
-    cudnn             cuDNN attention                      FlashAttention               one span in a step, of >= 512 tokens
-                                                                                        (>= 768 after a prefix)
+    cudnn             cuDNN attention (after a prefix,     FlashAttention               one span in a step, of >= 512 tokens
+                      two calls and decode_ops.cu's merge)
     elementwise       one kernel for RoPE + cache write,   torch's several              any step
                       one for SwiGLU's activation
     argmax            decode_ops.cu's argmax               torch's argmax               greedy sampling
@@ -32,9 +32,10 @@ from batch import Batch
 PATHS = ("gemv", "cublaslt", "decode_attention", "cudnn", "elementwise", "argmax")
 LT_TOKENS = range(32, 97)     # cublaslt: where cuBLAS picks a split-K pass plus a reduce for o_proj and down
 # cudnn: whole steps of one span of 512-2048 tokens ran 1-6% faster with cuDNN's attention than FlashAttention's
-# (8B and 70B shapes, H100); cuDNN plans per new shape (ms). After a prefix it takes two calls and a merge,
-# ~150 us of host time against FlashAttention's ~40, which the GPU repays only from several hundred tokens
-CUDNN_MIN_TOKENS, CUDNN_MIN_AFTER_PREFIX = 512, 768
+# (8B and 70B shapes, H100); cuDNN plans per new shape (ms). After a prefix it takes two calls and a merge kernel:
+# the split 1K step's 512-token second half took 57 us a layer in FlashAttention where the whole step's cuDNN
+# call took 33 (8B shape, H100, profiled replays)
+CUDNN_MIN_TOKENS = 512
 
 
 def enable(model, paths=PATHS) -> bool:
@@ -128,8 +129,7 @@ class Attention(llama.Attention):
         return qkv[:, :nh * hd].view(T, nh, hd)                               # rotated in place
 
     def attend(self, q, batch: Batch):
-        if self.cudnn and len(batch.spans) == 1 and \
-                batch.T >= (CUDNN_MIN_AFTER_PREFIX if batch.spans[0].start else CUDNN_MIN_TOKENS):
+        if self.cudnn and len(batch.spans) == 1 and batch.T >= CUDNN_MIN_TOKENS:
             return self.attend_cudnn(q, batch.spans[0])
         return super().attend(q, batch)
 
@@ -154,21 +154,19 @@ class Attention(llama.Attention):
         q = q.transpose(0, 1)[None]                                           # (1, nh, n, hd)
         if span.start == 0:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        else:
-            o1, lse1 = cudnn_attention(q, k[:, :, :span.start], v[:, :, :span.start], causal=False)
-            o2, lse2 = cudnn_attention(q, k[:, :, span.start:], v[:, :, span.start:], causal=True)
-            # (e^lse1 o1 + e^lse2 o2) / (e^lse1 + e^lse2) in one kernel, with the weight in bf16: from the
-            # part with more keys by the other's weight, the smaller for most rows, whose rounding costs least
-            (a, lse_a), (b, lse_b) = ((o1, lse1), (o2, lse2)) if span.start >= span.n else ((o2, lse2), (o1, lse1))
-            o = torch.lerp(a, b, torch.sigmoid(lse_b - lse_a).to(a.dtype))
-        return o[0].transpose(0, 1)                                           # (n, nh, hd)
+            return o[0].transpose(0, 1)                                       # (n, nh, hd)
+        o1, lse1 = cudnn_attention(q, k[:, :, :span.start], v[:, :, :span.start], causal=False)
+        o2, lse2 = cudnn_attention(q, k[:, :, span.start:], v[:, :, span.start:], causal=True)
+        o = q.new_empty(span.n, q.shape[1], q.shape[3])                       # (n, nh, hd)
+        self.ext.attention_merge(o1[0], lse1[0], o2[0], lse2[0], o)           # by their log-sum-exp, in fp32
+        return o
 
 
 def cudnn_attention(q, k, v, causal: bool):
-    """Attention output (1, nh, n, hd) and its log-sum-exp (1, nh, n, 1), from cuDNN; k and v may
-    have fewer heads than q (GQA)."""
+    """Attention output (1, nh, n, hd) and its log-sum-exp (1, nh, n) in fp32, from cuDNN; k and v
+    may have fewer heads than q (GQA)."""
     out = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False)
-    return out[0], out[1].reshape(out[0].shape[:-1]).unsqueeze(-1).float()
+    return out[0], out[1].reshape(out[0].shape[:-1]).float()
 
 
 def cudnn_works(device: torch.device, dtype) -> str:

@@ -127,14 +127,14 @@ def test_decode_attention(nh, nkv):
 def test_cudnn_attention(start, n, nh, nkv):
     """The cudnn path against the reference in fp32, within twice the plain FlashAttention path's
     error, q a view into the qkv projection's output as the model passes it. After a prefix it
-    merges two calls: the merge is the exact one of those calls' outputs within the rounding of a
-    weight and of the result to bf16."""
+    merges two calls: the merge is the exact one of those calls' outputs within the rounding of the
+    result to bf16."""
     g = torch.Generator("cuda").manual_seed(n)
     cache = [torch.randn(start + n + 50, nkv, 128, generator=g, device="cuda", dtype=BF16) for _ in "kv"]
     qkv = torch.randn(n, (nh + 2 * nkv) * 128, generator=g, device="cuda", dtype=BF16)
     q = qkv[:, :nh * 128].view(n, nh, 128)                                        # (n, nh, hd), rows strided
     span, row = Span(50, start, n), 50
-    attn = type("A", (), {"k_cache": cache[0], "v_cache": cache[1]})()
+    attn = type("A", (), {"k_cache": cache[0], "v_cache": cache[1], "ext": build_ext.load("decode")})()
     fast = fastpath.Attention.attend_cudnn(attn, q, span)
     i32 = lambda *x: torch.tensor(x, dtype=torch.int32, device="cuda")   # noqa: E731
     flash = llama.Attention.flash(attn, q, i32(0, n), i32(row, 0), i32(start + n), n, start + n)
@@ -147,9 +147,39 @@ def test_cudnn_attention(start, n, nh, nkv):
         o1, lse1 = fastpath.cudnn_attention(q4, k[:, :, :start], v[:, :, :start], causal=False)
         o2, lse2 = fastpath.cudnn_attention(q4, k[:, :, start:], v[:, :, start:], causal=True)
         o1, o2 = o1.double(), o2.double()
-        exact = (o2 + torch.sigmoid(lse1 - lse2).double() * (o1 - o2))[0].transpose(0, 1)   # (n, nh, hd)
-        bound = 2 ** -8 * ((o1 - o2).abs()[0].transpose(0, 1) + exact.abs()) + 1e-6
+        exact = (o2 + torch.sigmoid(lse1 - lse2).double()[..., None] * (o1 - o2))[0].transpose(0, 1)   # (n, nh, hd)
+        bound = 2 ** -8 * exact.abs() + 1e-5 * (o1 - o2).abs()[0].transpose(0, 1) + 1e-6
         assert ((fast.double() - exact).abs() <= bound).all()
+
+
+@needs_kernels
+def test_attention_merge():
+    """The merge kernel against (e^lse1 o1 + e^lse2 o2) / (e^lse1 + e^lse2) in fp64, rounded once: odd
+    sizes, o1 strided as cuDNN lays it out and o2 contiguous, lse1 transposed, rows where one part
+    has no weight (-inf) or neither has (zeros); shapes that do not match and heads not 16 bytes
+    apart are refused."""
+    ops = build_ext.load("decode")
+    n, nh, hd = 37, 3, 136
+    g = torch.Generator("cuda").manual_seed(0)
+    o1 = torch.randn(n, nh, hd, generator=g, device="cuda", dtype=BF16).transpose(0, 1)   # (nh, n, hd), strided
+    o2 = torch.randn(nh, n, hd, generator=g, device="cuda", dtype=BF16)                    # (nh, n, hd), contiguous
+    lse1 = 4 * torch.randn(n, nh, generator=g, device="cuda").t()                          # (nh, n), strided
+    lse2 = 4 * torch.randn(nh, n, generator=g, device="cuda")
+    lse1[0, :5], lse2[1, 5:9] = -float("inf"), -float("inf")
+    lse1[2, 9], lse2[2, 9] = -float("inf"), -float("inf")
+    out = torch.empty(n, nh, hd, device="cuda", dtype=BF16)
+    ops.attention_merge(o1, lse1, o2, lse2, out)
+    w = torch.sigmoid((lse1 - lse2).double()).nan_to_num(0.0)[..., None]              # o1's share (0 where neither)
+    exact = (w * o1.double() + (1 - w) * o2.double()).transpose(0, 1)              # (n, nh, hd)
+    exact[9, 2] = 0
+    bound = 2 ** -8 * exact.abs() + 1e-6 * (o1.double().abs() + o2.double().abs()).transpose(0, 1) + 1e-6
+    assert ((out.double() - exact).abs() <= bound).all()
+    assert torch.equal(out.transpose(0, 1)[0, :5], o2[0, :5]) and torch.equal(out.transpose(0, 1)[1, 5:9], o1[1, 5:9])
+    with pytest.raises(RuntimeError, match=r"o2 must be \[nh, n, hd\]"):
+        ops.attention_merge(o1, lse1, o2[:, :8], lse2[:, :8], out)
+    odd = torch.randn(nh, n * hd + 4, device="cuda", dtype=BF16)[:, :n * hd].view(nh, n, hd)   # heads 8 bytes off
+    with pytest.raises(RuntimeError, match="heads must be a multiple of 16 bytes apart"):
+        ops.attention_merge(o1, lse1, odd, lse2, out)
 
 
 @needs_kernels
@@ -317,11 +347,11 @@ def test_enable_swaps_modules_in_place_and_back(monkeypatch):
 
 
 
-@pytest.mark.parametrize("spans,path", [([(0, 511)], "flash"), ([(0, 512)], "cudnn"), ([(512, 767)], "flash"),
-                                        ([(512, 768)], "cudnn"), ([(0, 600), (0, 600)], "flash")])
-def test_cudnn_takes_a_lone_span_from_its_thresholds(spans, path, monkeypatch):
-    """Which attention a step takes with the cudnn path on: a lone span from CUDNN_MIN_TOKENS from
-    its start, from CUDNN_MIN_AFTER_PREFIX after a prefix (two calls and a merge), else FlashAttention."""
+@pytest.mark.parametrize("spans,path", [([(0, 511)], "flash"), ([(0, 512)], "cudnn"), ([(512, 511)], "flash"),
+                                        ([(512, 512)], "cudnn"), ([(0, 600), (0, 600)], "flash")])
+def test_cudnn_takes_a_lone_span_from_its_threshold(spans, path, monkeypatch):
+    """Which attention a step takes with the cudnn path on: a lone span of CUDNN_MIN_TOKENS or more,
+    from its start or after a prefix (two calls and a merge), else FlashAttention."""
     model = tiny_model(torch.bfloat16)
     stub = type("Ext", (), {"limits": {"gemv_max_m": 8, "decode_head_dim": 128, "decode_max_group": 8}})()
     monkeypatch.setattr(build_ext, "try_load", lambda which, *a: stub if which == "decode" else None)
