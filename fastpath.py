@@ -32,9 +32,8 @@ from batch import Batch
 PATHS = ("gemv", "cublaslt", "decode_attention", "cudnn", "elementwise", "argmax")
 LT_TOKENS = range(32, 97)     # cublaslt: where cuBLAS picks a split-K pass plus a reduce for o_proj and down
 # cudnn: whole steps of one span of 512-2048 tokens ran 1-6% faster with cuDNN's attention than FlashAttention's
-# (8B and 70B shapes, H100); cuDNN plans per new shape (ms). After a prefix it takes two calls and a merge kernel:
-# the split 1K step's 512-token second half took 57 us a layer in FlashAttention where the whole step's cuDNN
-# call took 33 (8B shape, H100, profiled replays)
+# (8B and 70B shapes, H100); cuDNN plans per new shape (ms). After a prefix it takes two calls and a merge kernel,
+# and still pays from 512: the 8B shape's 1K split (a 512-token half after a 512 prefix) ran 1.5% faster for it
 CUDNN_MIN_TOKENS = 512
 
 
