@@ -4,6 +4,7 @@
     python bench.py kernel --virtual 4                               # its protocol's fixed cost, one GPU
     torchrun --nproc-per-node 4 bench.py model --model llama-3.3-70b --layers 8
     python bench.py model --model llama-3.1-8b --modes tp1,tp1-flash # one GPU: the attention paths
+    python bench.py model --layers 8 --modes tp1,tp1-split --graph --profile  # the split's own cost, by kernel class
     torchrun --nproc-per-node 4 bench.py tune  --model llama-3.3-70b --layers 4   # writes configs/
     python bench.py decode --model llama-3.1-8b --profile            # ms per decode step vs the HBM floor
     python bench.py attention --model llama-3.1-8b                   # decode attention alone vs FlashAttention
