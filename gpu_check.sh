@@ -5,9 +5,10 @@
 #   test: every GPU test (multi-GPU ones need 2+ GPUs); test1: the tests one GPU can run (the
 #   kernel's virtual ranks among them, alone on the GPU: -n 0). model/tune take MODEL, LAYERS,
 #   TOKENS, SEQS (and model MODES) from the environment; model1 is the prefill on one GPU (the
-#   attention paths); split the split step against the whole one on one GPU, every shape, with its
-#   profile and replayed from CUDA graphs (TOKENS, ITERS); ceiling what one SM can copy (the comm
-#   kernel's bound on one GPU; with 2+ GPUs also over NVLink to a peer's memory);
+#   attention paths); split the split step against the whole one on one GPU, every shape (or
+#   MODELS, a comma list), with its profile and replayed from CUDA graphs (TOKENS, ITERS); ceiling
+#   what one SM can copy (the comm kernel's bound on one GPU; with 2+ GPUs also over NVLink to a
+#   peer's memory);
 #   decode (with a per-kernel profile), attention (the decode attention kernel alone), gemm (a
 #   decode step's GEMMs alone) and serve take MODEL (default llama-3.1-8b there), and serve
 #   WORKLOADS, BUDGETS, ITERS (it profiles each run by kind of step); e2e writes an 8B-shaped
@@ -38,7 +39,7 @@ for step in "$@"; do
     model1) run python3 bench.py model --model "${MODEL:-llama-3.1-8b}" --tokens "${TOKENS1:-2048,4096,16384}" \
               --iters "${ITERS:-5}" --out "$OUT/model-tp1.json" 2>&1 | tee "$OUT/model1.log" ;;
     split)  # the split's own cost on one GPU (issue 40): every shape, one and four sequences, with its profile
-            for m in llama-3.1-8b llama-3.3-70b qwen2.5-72b mixtral-8x22b; do
+            for m in $(echo "${MODELS:-llama-3.1-8b,llama-3.3-70b,qwen2.5-72b,mixtral-8x22b}" | tr , " "); do
               layers=$([ $m = llama-3.1-8b ] && echo 32 || echo 8)
               run python3 bench.py model --model $m --layers $layers --tokens "$TOKENS" --seqs 1,4 --iters "${ITERS:-10}" \
                 --modes tp1,tp1-split,tp1-split-inline --profile --graph --out "$OUT/split-$m.json" 2>&1 | quiet | tee -a "$OUT/split.log"
