@@ -25,7 +25,9 @@ from group import UserError
 
 # ----------------------------------------------------------------------------- the wave-aware split
 
-GEMM_TILE_M, GEMM_TILE_N = 128, 256   # a typical Hopper cuBLAS tile: tokens x output features
+# The wave model's tile, tokens x output features. cuBLAS runs these GEMMs on 256 x 128 tiles, and halves of an
+# odd multiple of 128 tokens measured 2-4% slower than halves of a multiple of 256 on every shape (docs/results.md)
+GEMM_TILE_M, GEMM_TILE_N = 256, 128
 
 
 def gemm_waves(m: int, n: int, n_sms: int) -> int:
@@ -35,7 +37,7 @@ def gemm_waves(m: int, n: int, n_sms: int) -> int:
 def wave_split(T: int, gemm_widths, n_sms: int = 132) -> int:
     """Half of T, moved by up to two tiles so that both halves' GEMMs fill whole waves.
 
-    The cost model counts waves of (128 x 256)-tiles over the SMs for every GEMM of a layer
+    The cost model counts waves of (256 x 128)-tiles over the SMs for every GEMM of a layer
     (its local output width in gemm_widths); ties go to the most even split.
     """
     if T < 2 * GEMM_TILE_M:
