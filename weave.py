@@ -25,8 +25,8 @@ from group import UserError
 
 # ----------------------------------------------------------------------------- the wave-aware split
 
-# The wave model's tile, tokens x output features. cuBLAS runs these GEMMs on 256 x 128 tiles, and halves of an
-# odd multiple of 128 tokens measured 2-4% slower than halves of a multiple of 256 on every shape (docs/results.md)
+# The wave model's tile, tokens x output features. On one H100, halves of an odd multiple of 128 tokens ran slower
+# than the best split on a multiple of 256 at every shape tried, by up to 9 points (docs/log.md, 2026-12-07)
 GEMM_TILE_M, GEMM_TILE_N = 256, 128
 
 
@@ -35,7 +35,7 @@ def gemm_waves(m: int, n: int, n_sms: int) -> int:
 
 
 def wave_split(T: int, gemm_widths, n_sms: int = 132) -> int:
-    """Half of T, moved by up to two tiles so that both halves' GEMMs fill whole waves.
+    """Half of T, moved by up to one tile so that both halves' GEMMs fill whole waves.
 
     The cost model counts waves of (256 x 128)-tiles over the SMs for every GEMM of a layer
     (its local output width in gemm_widths); ties go to the most even split.
@@ -44,7 +44,7 @@ def wave_split(T: int, gemm_widths, n_sms: int = 132) -> int:
         return T // 2
     half = round(T / 2 / GEMM_TILE_M) * GEMM_TILE_M
     cost = lambda S: sum(gemm_waves(S, n, n_sms) + gemm_waves(T - S, n, n_sms) for n in gemm_widths)
-    candidates = [half + k * GEMM_TILE_M for k in (-2, -1, 0, 1, 2) if 0 < half + k * GEMM_TILE_M < T]
+    candidates = [half + k * GEMM_TILE_M for k in (-1, 0, 1) if 0 < half + k * GEMM_TILE_M < T]
     return min(candidates, key=lambda S: (cost(S), abs(S - T / 2)))
 
 
