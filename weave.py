@@ -25,8 +25,8 @@ from group import UserError
 
 # ----------------------------------------------------------------------------- the wave-aware split
 
-# The wave model's tile, tokens x output features. On one H100, halves of an odd multiple of 128 tokens ran slower
-# than the best split on a multiple of 256 at every shape tried, by up to 9 points (docs/log.md, 2026-12-07)
+# The wave model's tile, tokens x output features. On one H100, a step split into halves of an odd multiple of 128
+# tokens ran slower than its best split on a multiple of 256 at every shape tried, by up to 9% (docs/log.md, 2026-12-07)
 GEMM_TILE_M, GEMM_TILE_N = 256, 128
 
 
