@@ -140,7 +140,9 @@ cudaError_t launch_silu_mul(const uint4* gate_up, uint4* out, int tokens, int nv
 // path attends to a chunk's prefix and to its own keys in two calls (fastpath.attend_cudnn); this
 // merges them by their log-sum-exp: out = (e^lse1 o1 + e^lse2 o2) / (e^lse1 + e^lse2), per query and
 // head, in fp32, rounded once. o1, o2 [nh, n, hd] with any head and row strides (cuDNN lays its output
-// out as q), lse [nh, n] fp32, out [n, nh, hd] contiguous. One thread per 16-byte vector of out.
+// out as q), lse [nh, n] fp32, out [n, nh, hd] contiguous; the binding also takes cuDNN's outputs as
+// torch returns them, with their unit dims, so the caller spends no host time reshaping them.
+// One thread per 16-byte vector of out.
 
 struct MergeParams {
   const __nv_bfloat16* o[2];       // [nh, n, hd]
@@ -969,12 +971,15 @@ std::string attention_merge(at::Tensor o1, at::Tensor lse1, at::Tensor o2, at::T
   const at::Tensor* os[2] = {&o1, &o2};
   const at::Tensor* ls[2] = {&lse1, &lse2};
   for (int s = 0; s < 2; ++s) {
-    const at::Tensor &o = *os[s], &l = *ls[s];
+    at::Tensor o = *os[s], l = *ls[s];   // or cuDNN's as torch returns them: o [1, nh, n, hd], lse [1, nh, n(, 1)]
+    if (o.dim() == 4) o = o.squeeze(0);
+    if (l.dim() == 4) l = l.squeeze(3);
+    if (l.dim() == 3) l = l.squeeze(0);
     const char* o_name = s ? "o2" : "o1";
     if (o.dim() != 3 || o.size(0) != nh || o.size(1) != n || o.size(2) != hd || l.dim() != 2 || l.size(0) != nh ||
         l.size(1) != n)
-      return std::string(op) + ": " + o_name + " must be [nh, n, hd] and its lse [nh, n] for out [n, nh, hd] " +
-             tw::shape(out) + "; got " + tw::shape(o) + " and " + tw::shape(l);
+      return std::string(op) + ": " + o_name + " must be [(1,) nh, n, hd] and its lse [(1,) nh, n(, 1)] for out " +
+             "[n, nh, hd] " + tw::shape(out) + "; got " + tw::shape(*os[s]) + " and " + tw::shape(*ls[s]);
     TW_TRY(check_tensor(op, o_name, o, at::kBFloat16, out.device(), false));
     if (o.stride(0) % 8)
       return std::string(op) + ": " + o_name + "'s heads must be a multiple of 16 bytes apart";
@@ -1116,8 +1121,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "out [T, I] <- bf16(bf16(silu(gate)) * up) for gate_up [T, 2I] = [gate | up]; I % 8 == 0",
         py::arg("gate_up"), py::arg("out"));
   m.def("attention_merge", &attention_merge,
-        "out [n, nh, hd] (contiguous) <- the merge of two attention outputs o1, o2 [nh, n, hd] (last dim "
-        "contiguous, 16-byte aligned) by their log-sum-exp lse1, lse2 [nh, n] (fp32, natural log): "
+        "out [n, nh, hd] (contiguous) <- the merge of two attention outputs o1, o2 [(1,) nh, n, hd] (last dim "
+        "contiguous, 16-byte aligned) by their log-sum-exp lse1, lse2 [(1,) nh, n(, 1)] (fp32, natural log): "
         "(e^lse1 o1 + e^lse2 o2) / (e^lse1 + e^lse2) in fp32; hd % 8 == 0",
         py::arg("o1"), py::arg("lse1"), py::arg("o2"), py::arg("lse2"), py::arg("out"));
   m.def("gemv", &gemv,

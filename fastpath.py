@@ -149,24 +149,32 @@ class Attention(llama.Attention):
         calls: cuDNN's causal mask is aligned to the queries' start, not their end, so the chunk
         attends to its own keys causally and to the prefix's keys whole, and the two are merged by
         their log-sum-exp. Both read the cache's KV heads in place (GQA), and q in its layout."""
-        rows = slice(span.row, span.row + span.start + span.n)
-        k, v = (c[rows].transpose(0, 1)[None] for c in (self.k_cache, self.v_cache))   # (1, nkv, start + n, hd)
-        q = q.transpose(0, 1)[None]                                           # (1, nh, n, hd)
-        if span.start == 0:
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        r, start, n, k, v = span.row, span.start, span.n, self.k_cache, self.v_cache
+        q = heads(q, 0, n)                                                    # (1, nh, n, hd)
+        if start == 0:
+            o, _ = cudnn_attention(q, heads(k, r, n), heads(v, r, n), causal=True, lse=False)
             return o[0].transpose(0, 1)                                       # (n, nh, hd)
-        o1, lse1 = cudnn_attention(q, k[:, :, :span.start], v[:, :, :span.start], causal=False)
-        o2, lse2 = cudnn_attention(q, k[:, :, span.start:], v[:, :, span.start:], causal=True)
-        o = q.new_empty(span.n, q.shape[1], q.shape[3])                       # (n, nh, hd)
-        self.ext.attention_merge(o1[0], lse1[0], o2[0], lse2[0], o)           # by their log-sum-exp, in fp32
+        o1, lse1 = cudnn_attention(q, heads(k, r, start), heads(v, r, start), causal=False)
+        o2, lse2 = cudnn_attention(q, heads(k, r + start, n), heads(v, r + start, n), causal=True)
+        o = q.new_empty(n, q.shape[1], q.shape[3])                            # (n, nh, hd)
+        self.ext.attention_merge(o1, lse1, o2, lse2, o)                       # by their log-sum-exp, in fp32
         return o
 
 
-def cudnn_attention(q, k, v, causal: bool):
-    """Attention output (1, nh, n, hd) and its log-sum-exp (1, nh, n) in fp32, from cuDNN; k and v
-    may have fewer heads than q (GQA)."""
-    out = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False)
-    return out[0], out[1].reshape(out[0].shape[:-1]).float()
+def heads(t, row: int, n: int):
+    """Rows [row, row + n) of t (rows, heads, hd) as (1, heads, n, hd), the layout cuDNN reads: one
+    view op where indexing, transposing and unsqueezing make three (a split step issues ~100
+    attention calls, and its host time is what a rank at TP N has to cover)."""
+    s_row, s_head, s_dim = t.stride()
+    return t.as_strided((1, t.shape[1], n, t.shape[2]), (n * s_row, s_head, s_row, s_dim),
+                        t.storage_offset() + row * s_row)
+
+
+def cudnn_attention(q, k, v, causal: bool, lse: bool = True):
+    """cuDNN's attention output (1, nh, n, hd) and, with lse, its log-sum-exp in fp32 as torch
+    returns it ((1, nh, n) or (1, nh, n, 1)); k and v may have fewer heads than q (GQA)."""
+    out = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, lse, 0.0, causal, False)
+    return out[0], out[1]
 
 
 def cudnn_works(device: torch.device, dtype) -> str:

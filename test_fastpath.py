@@ -147,17 +147,32 @@ def test_cudnn_attention(start, n, nh, nkv):
         o1, lse1 = fastpath.cudnn_attention(q4, k[:, :, :start], v[:, :, :start], causal=False)
         o2, lse2 = fastpath.cudnn_attention(q4, k[:, :, start:], v[:, :, start:], causal=True)
         o1, o2 = o1.double(), o2.double()
-        exact = (o2 + torch.sigmoid(lse1 - lse2).double()[..., None] * (o1 - o2))[0].transpose(0, 1)   # (n, nh, hd)
+        w1 = torch.sigmoid(lse1 - lse2).double().reshape(*o1.shape[:-1], 1)                  # o1's share
+        exact = (o2 + w1 * (o1 - o2))[0].transpose(0, 1)                                     # (n, nh, hd)
         bound = 2 ** -8 * exact.abs() + 1e-5 * (o1 - o2).abs()[0].transpose(0, 1) + 1e-6
         assert ((fast.double() - exact).abs() <= bound).all()
+
+
+def test_heads_is_the_view_cudnn_reads():
+    """fastpath.heads: rows [row, row + n) of a (rows, heads, hd) tensor as (1, heads, n, hd), a view
+    with the values and strides of index, transpose and unsqueeze, for a cache and for q strided
+    inside the qkv projection's output."""
+    cache = torch.randn(40, 2, 16)
+    qkv = torch.randn(9, (4 + 2 * 2) * 16)
+    q = qkv[:, :4 * 16].view(9, 4, 16)                                            # rows strided
+    for t, row, n in ((cache, 0, 40), (cache, 7, 20), (cache, 39, 1), (q, 0, 9), (q, 3, 5)):
+        want = t[row:row + n].transpose(0, 1)[None]
+        got = fastpath.heads(t, row, n)
+        assert got.shape == want.shape and got.stride()[1:] == want.stride()[1:] and torch.equal(got, want)
+        assert got.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
 
 
 @needs_kernels
 def test_attention_merge():
     """The merge kernel against (e^lse1 o1 + e^lse2 o2) / (e^lse1 + e^lse2) in fp64, rounded once: odd
     sizes, o1 strided as cuDNN lays it out and o2 contiguous, lse1 transposed, rows where one part
-    has no weight (-inf) or neither has (zeros); shapes that do not match and heads not 16 bytes
-    apart are refused."""
+    has no weight (-inf) or neither has (zeros), and the same with the unit dims cuDNN's outputs
+    carry; shapes that do not match and heads not 16 bytes apart are refused."""
     ops = build_ext.load("decode")
     n, nh, hd = 37, 3, 136
     g = torch.Generator("cuda").manual_seed(0)
@@ -175,7 +190,10 @@ def test_attention_merge():
     bound = 2 ** -8 * exact.abs() + 1e-6 * (o1.double().abs() + o2.double().abs()).transpose(0, 1) + 1e-6
     assert ((out.double() - exact).abs() <= bound).all()
     assert torch.equal(out.transpose(0, 1)[0, :5], o2[0, :5]) and torch.equal(out.transpose(0, 1)[1, 5:9], o1[1, 5:9])
-    with pytest.raises(RuntimeError, match=r"o2 must be \[nh, n, hd\]"):
+    cudnn_like = torch.empty_like(out)
+    ops.attention_merge(o1[None], lse1[None, ..., None], o2[None], lse2[None], cudnn_like)   # unit dims as cuDNN's
+    assert torch.equal(cudnn_like, out)
+    with pytest.raises(RuntimeError, match=r"o2 must be \[\(1,\) nh, n, hd\]"):
         ops.attention_merge(o1, lse1, o2[:, :8], lse2[:, :8], out)
     odd = torch.randn(nh, n * hd + 4, device="cuda", dtype=BF16)[:, :n * hd].view(nh, n, hd)   # heads 8 bytes off
     with pytest.raises(RuntimeError, match="heads must be a multiple of 16 bytes apart"):
