@@ -152,7 +152,7 @@ class Attention(llama.Attention):
         r, start, n, k, v = span.row, span.start, span.n, self.k_cache, self.v_cache
         q = heads(q, 0, n)                                                    # (1, nh, n, hd)
         if start == 0:
-            o, _ = cudnn_attention(q, heads(k, r, n), heads(v, r, n), causal=True, lse=False)
+            o = F.scaled_dot_product_attention(q, heads(k, r, n), heads(v, r, n), is_causal=True, enable_gqa=True)
             return o[0].transpose(0, 1)                                       # (n, nh, hd)
         o1, lse1 = cudnn_attention(q, heads(k, r, start), heads(v, r, start), causal=False)
         o2, lse2 = cudnn_attention(q, heads(k, r + start, n), heads(v, r + start, n), causal=True)
@@ -170,10 +170,10 @@ def heads(t, row: int, n: int):
                         t.storage_offset() + row * s_row)
 
 
-def cudnn_attention(q, k, v, causal: bool, lse: bool = True):
-    """cuDNN's attention output (1, nh, n, hd) and, with lse, its log-sum-exp in fp32 as torch
-    returns it ((1, nh, n) or (1, nh, n, 1)); k and v may have fewer heads than q (GQA)."""
-    out = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, lse, 0.0, causal, False)
+def cudnn_attention(q, k, v, causal: bool):
+    """cuDNN's attention output (1, nh, n, hd) and its log-sum-exp in fp32 as torch returns it
+    ((1, nh, n) or (1, nh, n, 1)); k and v may have fewer heads than q (GQA)."""
+    out = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False)
     return out[0], out[1]
 
 

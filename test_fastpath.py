@@ -155,12 +155,13 @@ def test_cudnn_attention(start, n, nh, nkv):
 
 def test_heads_is_the_view_cudnn_reads():
     """fastpath.heads: rows [row, row + n) of a (rows, heads, hd) tensor as (1, heads, n, hd), a view
-    with the values and strides of index, transpose and unsqueeze, for a cache and for q strided
-    inside the qkv projection's output."""
+    of the same storage with the values of index, transpose and unsqueeze and their strides (but the
+    unit dim's), for a cache, for q strided inside the qkv projection's output and for k there (a
+    storage offset of its own)."""
     cache = torch.randn(40, 2, 16)
     qkv = torch.randn(9, (4 + 2 * 2) * 16)
-    q = qkv[:, :4 * 16].view(9, 4, 16)                                            # rows strided
-    for t, row, n in ((cache, 0, 40), (cache, 7, 20), (cache, 39, 1), (q, 0, 9), (q, 3, 5)):
+    q, k = qkv[:, :4 * 16].view(9, 4, 16), qkv[:, 4 * 16:6 * 16].view(9, 2, 16)   # rows strided
+    for t, row, n in ((cache, 0, 40), (cache, 7, 20), (cache, 39, 1), (q, 0, 9), (q, 3, 5), (k, 2, 6)):
         want = t[row:row + n].transpose(0, 1)[None]
         got = fastpath.heads(t, row, n)
         assert got.shape == want.shape and got.stride()[1:] == want.stride()[1:] and torch.equal(got, want)
